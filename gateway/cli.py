@@ -1,0 +1,302 @@
+"""deskgate command line: parses arguments, calls the parts, prints; no business logic."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway import logs
+from gateway.errors import ConfigError, DeskgateError, StoreUnavailable
+from gateway.ingest.model import Envelope
+from gateway.ingest.pipeline import Outcome, Pipeline
+from gateway.settings import Settings, find_config, load_settings
+from gateway.tickets.lifecycle import Status, transition
+from store import queries, repo
+from store.engine import Store
+from store.migrate import upgrade
+from store.models import Quarantine, Raw, Ticket
+
+EX_NOUSER = 67  # sysexits.h: the MTA bounces the mail for this recipient
+EX_TEMPFAIL = 75  # sysexits.h: the MTA keeps the mail and retries
+
+
+def _print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
+    sys.stdout.write("\n")
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    widths = {c: min(48, max(len(c), *(len(str(r.get(c) or "")) for r in rows))) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row.get(c) or "")[:48].ljust(widths[c]) for c in columns))
+
+
+async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[int]]) -> int:
+    store = Store(settings.database_url)
+    try:
+        return await work(store)
+    finally:
+        await store.dispose()
+
+
+async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.service import serve
+
+    await serve(settings)
+    return 0
+
+
+async def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(store: Store) -> int:
+        await upgrade(store)
+        print(f"database is up to date ({store.engine.dialect.name})")
+        return 0
+
+    return await _with_store(settings, work)
+
+
+async def cmd_deliver(settings: Settings, args: argparse.Namespace) -> int:
+    raw = sys.stdin.buffer.read()
+    envelope = Envelope(mail_from=args.sender or "", rcpt_tos=tuple(args.recipient),
+                        peer="pipe", channel="pipe")
+
+    async def work(store: Store) -> int:
+        pipeline = Pipeline(settings, store)
+        await pipeline.start()
+        verdict = await pipeline.ingest(raw, envelope)
+        if verdict.outcome is Outcome.REJECTED:
+            print(f"deskgate: {', '.join(args.recipient)}: no such address here", file=sys.stderr)
+            return EX_NOUSER
+        return 0
+
+    try:
+        return await _with_store(settings, work)
+    except (StoreUnavailable, SQLAlchemyError, OSError) as exc:
+        print(f"deskgate: temporary failure, the MTA will retry: {exc}", file=sys.stderr)
+        return EX_TEMPFAIL
+
+
+async def cmd_ticket(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(store: Store) -> int:
+        async with store.transaction() as session:
+            if args.action == "list":
+                rows = await queries.list_tickets(session, args.status, args.department)
+                _print_json(rows) if args.json else _table(
+                    rows, ["number", "status", "department", "contact", "messages", "subject"])
+            elif args.action == "show":
+                detail = await queries.ticket_detail(session, args.number)
+                _print_json(detail) if args.json else _print_ticket(detail)
+            else:
+                await _close(session, args.number)
+                print(f"ticket {args.number} closed")
+        return 0
+
+    return await _with_store(settings, work)
+
+
+async def _close(session: Any, number: int) -> None:
+    ticket = await session.scalar(select(Ticket).where(Ticket.number == number))
+    if ticket is None:
+        raise DeskgateError(f"there is no ticket {number}")
+    try:
+        target = transition(ticket.status, Status.CLOSED)
+    except ValueError as exc:
+        raise DeskgateError(f"ticket {number}: {exc}") from None
+    now = datetime.now(UTC)
+    await repo.set_ticket_status(session, ticket.id, target.value, now)
+    await repo.add_events(session, ticket.id, now,
+                          [("status_changed", {"from": ticket.status, "to": target.value,
+                                               "by": "cli"})])
+
+
+def _print_ticket(detail: dict[str, Any]) -> None:
+    print(f"Ticket {detail['number']}: {detail['subject']}")
+    print(f"  status {detail['status']} · department {detail['department']} · "
+          f"contact {detail['contact']} · created {detail['created_at']}")
+    if detail.get("follow_up_of"):
+        print(f"  follow-up of ticket {detail['follow_up_of']}")
+    for message in detail["thread"]:
+        print(f"\n--- {message['direction']} {message['kind']} from {message['from']} "
+              f"at {message['date'] or message['received_at']}")
+        print(f"Subject: {message['subject']}")
+        print(message["text"].rstrip() or "(no text)")
+        for attachment in message["attachments"]:
+            kept = "" if attachment["kept"] else f" (not kept: {attachment['not_kept_reason']})"
+            print(f"  [attachment] {attachment['filename']} {attachment['content_type']} "
+                  f"{attachment['size']} bytes{kept}")
+    print("\nEvents:")
+    for event in detail["events"]:
+        print(f"  {event['at']}  {event['type']}  {json.dumps(event['data'], ensure_ascii=False)}")
+
+
+async def cmd_contact(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(store: Store) -> int:
+        async with store.transaction() as session:
+            detail = await queries.contact_detail(session, args.email)
+        if args.json:
+            _print_json(detail)
+        else:
+            print(f"{detail['name'] or '(no name)'} <{detail['email']}>, "
+                  f"known since {detail['created_at']}")
+            _table(detail["tickets"], ["number", "status", "department", "messages", "subject"])
+        return 0
+
+    return await _with_store(settings, work)
+
+
+async def cmd_quarantine(settings: Settings, args: argparse.Namespace) -> int:
+    async def work(store: Store) -> int:
+        if args.action == "list":
+            async with store.transaction() as session:
+                rows = await queries.list_quarantine(session, None if args.all else "held")
+            _print_json(rows) if args.json else _table(
+                rows, ["id", "state", "received_at", "envelope_from", "reason"])
+            return 0
+        async with store.transaction() as session:
+            entry = await queries.quarantine_entry(session, args.id)
+            raw = await session.get(Raw, entry.raw_sha256)
+            assert raw is not None
+        if args.action == "show":
+            if args.raw:
+                sys.stdout.buffer.write(raw.content)
+            else:
+                _print_json(queries.quarantine_view(entry) | {"size": raw.size})
+            return 0
+        return await _reprocess(settings, store, entry, raw.content)
+
+    return await _with_store(settings, work)
+
+
+async def _reprocess(settings: Settings, store: Store, entry: Quarantine, raw: bytes) -> int:
+    """Run a held mail through today's pipeline; release it when it now makes a ticket."""
+    pipeline = Pipeline(settings, store)
+    await pipeline.start()
+    envelope = Envelope(mail_from=entry.envelope_from, rcpt_tos=tuple(entry.envelope_to),
+                        peer=entry.peer or "", channel="reprocess")
+    verdict = await pipeline.ingest(raw, envelope)
+    if verdict.ticket_number is None:
+        print(f"quarantine entry {entry.id} stays held: {verdict.reason or verdict.outcome.value}")
+        return 1
+    async with store.transaction() as session:
+        await session.execute(update(Quarantine).where(Quarantine.id == entry.id).values(
+            state="released", released_to_ticket=verdict.ticket_number))
+    print(f"quarantine entry {entry.id} released to ticket {verdict.ticket_number}")
+    return 0
+
+
+async def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
+    addresses = sum(len(d.addresses) for d in settings.departments)
+    print(f"{settings.source}: OK: {len(settings.departments)} departments, {addresses} "
+          f"addresses, inbound SMTP on {settings.inbound.listen}, "
+          f"database {settings.database_url.split(':', 1)[0]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deskgate", description="Helpdesk email gateway.")
+    parser.add_argument("--config", help="configuration file (default: $DESKGATE_CONFIG, "
+                        "/etc/deskgate/deskgate.toml, ./config/deskgate.dev.toml)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("serve", help="run the daemon in the foreground").set_defaults(run=cmd_serve)
+    check = sub.add_parser("check-config", help="validate a configuration file")
+    check.add_argument("path", nargs="?", help="file to check (default: --config)")
+    check.set_defaults(run=cmd_check_config)
+    db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
+    db.add_parser("upgrade", help="apply migrations").set_defaults(run=cmd_db_upgrade)
+    deliver = sub.add_parser("deliver", help="ingest one mail from stdin (MTA pipe delivery)")
+    deliver.add_argument("--recipient", action="append", required=True, metavar="ADDR")
+    deliver.add_argument("--sender", default="", metavar="ADDR", help="envelope sender")
+    deliver.set_defaults(run=cmd_deliver)
+    _ticket_parser(sub)
+    contact = sub.add_parser("contact", help="contacts").add_subparsers(dest="action",
+                                                                        required=True)
+    show = contact.add_parser("show", help="a contact and all their tickets")
+    show.add_argument("email")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(run=cmd_contact)
+    _quarantine_parser(sub)
+    return parser
+
+
+def _ticket_parser(sub: Any) -> None:
+    ticket = sub.add_parser("ticket", help="tickets").add_subparsers(dest="action", required=True)
+    listing = ticket.add_parser("list", help="list tickets, newest first")
+    listing.add_argument("--status", choices=[s.value for s in Status])
+    listing.add_argument("--department", metavar="SLUG")
+    listing.add_argument("--json", action="store_true")
+    show = ticket.add_parser("show", help="the whole thread and timeline of a ticket")
+    show.add_argument("number", type=int)
+    show.add_argument("--json", action="store_true")
+    close = ticket.add_parser("close", help="close a ticket")
+    close.add_argument("number", type=int)
+    for parser in (listing, show, close):
+        parser.set_defaults(run=cmd_ticket)
+
+
+def _quarantine_parser(sub: Any) -> None:
+    quarantine = sub.add_parser("quarantine", help="mail kept aside for review").add_subparsers(
+        dest="action", required=True)
+    listing = quarantine.add_parser("list", help="held entries")
+    listing.add_argument("--all", action="store_true", help="include released entries")
+    listing.add_argument("--json", action="store_true")
+    show = quarantine.add_parser("show", help="one entry")
+    show.add_argument("id", type=int)
+    show.add_argument("--raw", action="store_true", help="write the raw mail to stdout")
+    reprocess = quarantine.add_parser("reprocess", help="run an entry through the pipeline again")
+    reprocess.add_argument("id", type=int)
+    for parser in (listing, show, reprocess):
+        parser.set_defaults(run=cmd_quarantine)
+
+
+def _settings_for(args: argparse.Namespace) -> Settings:
+    if args.command == "check-config" and args.path:
+        from pathlib import Path
+
+        return load_settings(Path(args.path))
+    return load_settings(find_config(args.config))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings_for(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"deskgate: config: {problem}", file=sys.stderr)
+        return EX_TEMPFAIL if args.command == "deliver" else exc.exit_code
+    logs.configure(settings.log_level if args.command == "serve" else "warning")
+    try:
+        return asyncio.run(args.run(settings, args))
+    except KeyboardInterrupt:
+        return 130
+    except DeskgateError as exc:
+        print(f"deskgate: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SQLAlchemyError as exc:
+        print(f"deskgate: database error ({type(exc).__name__}): "
+              f"{str(getattr(exc, 'orig', exc)).splitlines()[0][:300]}; is the database "
+              "reachable and up to date (`deskgate db upgrade`)?", file=sys.stderr)
+        return EX_TEMPFAIL if args.command == "deliver" else 1
+    except Exception as exc:  # a bug: one readable line, the traceback only on request
+        if os.environ.get("DESKGATE_DEBUG"):
+            raise
+        print(f"deskgate: internal error: {type(exc).__name__}: {exc} "
+              "(set DESKGATE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EX_TEMPFAIL if args.command == "deliver" else 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

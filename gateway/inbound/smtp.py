@@ -1,0 +1,117 @@
+"""Inbound SMTP: aiosmtpd's protocol on the daemon's own loop; wire <-> pipeline, no policy."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session
+
+from gateway.errors import StoreUnavailable
+from gateway.ingest.addresses import RouteKind
+from gateway.ingest.model import Envelope
+from gateway.ingest.pipeline import Outcome, Pipeline
+from gateway.replies import (
+    R250_DUPLICATE,
+    R250_QUARANTINED,
+    R421_SHUTTING_DOWN,
+    R451_TEMPORARY,
+    R550_NO_SUCH_ADDRESS,
+    R552_TOO_BIG,
+    R554_RELAY_DENIED,
+    stored,
+)
+
+log = structlog.get_logger("deskgate.smtp")
+
+# aiosmtpd answers size overruns itself with plain texts; we answer with enhanced codes.
+_LIBRARY_REPLIES = {
+    "552 Error: message size exceeds fixed maximum message size": R552_TOO_BIG,
+    "552 Error: Too much mail data": R552_TOO_BIG,
+}
+
+
+class GatewaySMTP(SMTP):
+    """aiosmtpd's SMTP with our wording for the replies it makes on its own."""
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            status = _LIBRARY_REPLIES.get(status, status)
+        await super().push(status)
+
+
+class InboundHandler:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.accepting = True
+        self.inflight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: SMTPEnvelope,
+                          address: str, mail_options: list[str]) -> str:
+        if not self.accepting:
+            return R421_SHUTTING_DOWN
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: SMTPEnvelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        route = self.pipeline.route(address)
+        if route.kind is RouteKind.RELAY:
+            log.info("smtp.rcpt_refused", peer=_peer(session), rcpt=address, reason="relay")
+            return R554_RELAY_DENIED
+        if not route.accepted:
+            log.info("smtp.rcpt_refused", peer=_peer(session), rcpt=address, reason="unknown")
+            return R550_NO_SUCH_ADDRESS
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SMTPEnvelope) -> str:
+        raw = envelope.original_content or b""
+        meta = Envelope(mail_from=envelope.mail_from or "", rcpt_tos=tuple(envelope.rcpt_tos),
+                        peer=_peer(session), channel="smtp")
+        self.inflight += 1
+        self.idle.clear()
+        try:
+            verdict = await self.pipeline.ingest(raw, meta)
+        except StoreUnavailable:
+            return R451_TEMPORARY
+        except Exception:  # a bug of ours must never become a bounce (STYLE habit 2)
+            log.exception("smtp.ingest_failed", peer=meta.peer)
+            return R451_TEMPORARY
+        finally:
+            self.inflight -= 1
+            if not self.inflight:
+                self.idle.set()
+        if verdict.outcome is Outcome.DUPLICATE:
+            return R250_DUPLICATE
+        if verdict.outcome is Outcome.QUARANTINED:
+            return R250_QUARANTINED
+        if verdict.outcome is Outcome.REJECTED:
+            return R550_NO_SUCH_ADDRESS
+        return stored(verdict.ticket_number)
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("smtp.session_error", error=type(error).__name__)
+        return R451_TEMPORARY
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+async def start_inbound(handler: InboundHandler, host: str, port: int, hostname: str,
+                        max_message_bytes: int) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+
+    def factory() -> GatewaySMTP:
+        # hostname= given: aiosmtpd would otherwise call socket.getfqdn() per connection.
+        return GatewaySMTP(handler, hostname=hostname, ident="deskgate ESMTP",
+                           data_size_limit=max_message_bytes, enable_SMTPUTF8=True,
+                           decode_data=False, loop=loop)
+
+    return await loop.create_server(factory, host=host, port=port, reuse_address=True)

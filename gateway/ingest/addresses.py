@@ -1,0 +1,99 @@
+"""Recipient -> department or ticket reply token; the same function serves handle_RCPT."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+_TOKEN = re.compile(r"^t(\d{1,12})-([a-z2-7]{10})$")
+
+
+class RouteKind(StrEnum):
+    DEPARTMENT = "department"  # one of our addresses
+    REPLY = "reply"  # support+<token>@…: names a ticket, HMAC-protected
+    UNKNOWN = "unknown"  # our domain, no such address: 550 5.1.1
+    RELAY = "relay"  # someone else's domain: 554 5.7.1
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    kind: RouteKind
+    address: str  # lower-cased recipient as given
+    department: str | None = None  # slug
+    ticket_number: int | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.kind in (RouteKind.DEPARTMENT, RouteKind.REPLY)
+
+
+@dataclass(frozen=True, slots=True)
+class Directory:
+    """Our addresses and domains, built from settings; reloaded with them."""
+
+    addresses: Mapping[str, str]  # email -> department slug
+    domains: frozenset[str]
+    secret: bytes
+
+    @classmethod
+    def from_departments(cls, departments: Mapping[str, tuple[str, ...]], secret: bytes
+                         ) -> Directory:
+        addresses = {a: slug for slug, addrs in departments.items() for a in addrs}
+        return cls(addresses, frozenset(a.rsplit("@", 1)[1] for a in addresses), secret)
+
+
+def _mac(secret: bytes, number: int) -> str:
+    digest = hmac.new(secret, f"reply:{number}".encode(), hashlib.sha256).digest()
+    return base64.b32encode(digest).decode("ascii")[:10].lower()
+
+
+def reply_token(number: int, secret: bytes) -> str:
+    return f"t{number}-{_mac(secret, number)}"
+
+
+def reply_address(base: str, number: int, secret: bytes) -> str:
+    local, domain = base.rsplit("@", 1)
+    return f"{local}+{reply_token(number, secret)}@{domain}"
+
+
+def parse_reply_token(token: str, secret: bytes) -> int | None:
+    """The ticket number if the token is ours; a guessed or altered token gives None."""
+    match = _TOKEN.match(token.lower())
+    if not match:
+        return None
+    number = int(match.group(1))
+    return number if hmac.compare_digest(match.group(2), _mac(secret, number)) else None
+
+
+def route_recipient(recipient: str, directory: Directory) -> Route:
+    address = recipient.strip().strip("<>").lower()
+    local, at, domain = address.rpartition("@")
+    if not at or not local:
+        return Route(RouteKind.UNKNOWN, address)
+    if address in directory.addresses:
+        return Route(RouteKind.DEPARTMENT, address, directory.addresses[address])
+    if domain not in directory.domains:
+        return Route(RouteKind.RELAY, address)
+    base_local, plus, detail = local.partition("+")
+    department = directory.addresses.get(f"{base_local}@{domain}")
+    if not plus or department is None:
+        return Route(RouteKind.UNKNOWN, address)
+    number = parse_reply_token(detail, directory.secret)
+    if number is None:  # ordinary sub-addressing (RFC 5233): the department still owns it
+        return Route(RouteKind.DEPARTMENT, address, department)
+    return Route(RouteKind.REPLY, address, department, number)
+
+
+def tag_pattern(tag_format: str) -> re.Pattern[str]:
+    before, _, after = tag_format.partition("{number}")
+    return re.compile(re.escape(before) + r"(\d{1,12})" + re.escape(after))
+
+
+def find_tag(subject: str, pattern: re.Pattern[str]) -> int | None:
+    match = pattern.search(subject)
+    return int(match.group(1)) if match else None

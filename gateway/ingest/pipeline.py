@@ -1,0 +1,289 @@
+"""ingest(raw, envelope) -> Verdict: the one path every received mail takes (DESIGN 2)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.errors import StoreUnavailable
+from gateway.ingest.addresses import Directory, Route, RouteKind, find_tag, route_recipient, tag_pattern
+from gateway.ingest.identify import (
+    ThreadDecision,
+    ThreadEvidence,
+    normalize_address,
+    sender_authenticated,
+    thread,
+)
+from gateway.ingest.model import Classification, Envelope, ParsedMail
+from gateway.ingest.parse import parse
+from gateway.ingest.rules import classify
+from gateway.settings import Settings
+from gateway.tickets.lifecycle import Action, Decision, decide
+from store import repo
+from store.engine import Store
+from store.models import Message, Quarantine, Ticket
+
+log = structlog.get_logger("deskgate.ingest")
+
+# Parsing a big mail takes long enough to stall every other session on the loop.
+PARSE_IN_THREAD_BYTES = 256 * 1024
+
+
+class Outcome(StrEnum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    QUARANTINED = "quarantined"
+    REJECTED = "rejected"  # no recipient of ours: nothing stored
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    outcome: Outcome
+    ticket_number: int | None = None
+    reason: str = ""
+    rules: tuple[str, ...] = field(default=())
+
+
+def fingerprint(mail: ParsedMail) -> str:
+    """Same mail redelivered or forwarded twice -> same fingerprint (DESIGN 4, exactly once).
+
+    With a Message-ID: that id plus From, Date and Subject, so two different mails that
+    reuse an id are both kept. Without one: the body's hash stands in for the id.
+    """
+    key = mail.message_id if mail.message_id else f"body:{mail.body_sha256}"
+    parts = (key, mail.from_addr or "", mail.date_raw, mail.subject)
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _parse_and_hash(raw: bytes) -> tuple[ParsedMail | None, str, str | None]:
+    sha = hashlib.sha256(raw).hexdigest()
+    try:
+        return parse(raw), sha, None
+    except Exception as exc:  # noqa: BLE001 — parse must never raise; if it does, quarantine
+        return None, sha, f"parser failed: {type(exc).__name__}"
+
+
+@dataclass(slots=True)
+class _Context:
+    """Everything about one mail that the transaction needs, computed before it begins."""
+
+    raw: bytes
+    sha256: str
+    envelope: Envelope
+    mail: ParsedMail
+    routes: list[Route]
+    classification: Classification
+    sender: str | None
+    fingerprint: str
+    authenticated: bool | None
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, store: Store,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        departments = {d.slug: d.addresses for d in settings.departments}
+        self.directory = Directory.from_departments(departments,
+                                                    settings.tickets.reply_token_secret)
+        self.tag = tag_pattern(settings.tickets.tag_format)
+        self.follow_up_window = timedelta(days=settings.tickets.follow_up_window_days)
+        self.own_addresses = settings.own_addresses
+        self.departments = {d.slug: d for d in settings.departments}
+        self.department_ids: dict[str, int] = {}
+
+    async def start(self) -> None:
+        async with self.store.transaction() as session:
+            self.department_ids = await repo.sync_departments(session, self.settings.departments)
+
+    def route(self, recipient: str) -> Route:
+        return route_recipient(recipient, self.directory)
+
+    async def ingest(self, raw: bytes, envelope: Envelope) -> Verdict:
+        routes = [r for r in map(self.route, envelope.rcpt_tos) if r.accepted]
+        if not routes:
+            return Verdict(Outcome.REJECTED, reason="no recipient is one of our addresses")
+        if len(raw) > PARSE_IN_THREAD_BYTES:
+            mail, sha, failure = await asyncio.to_thread(_parse_and_hash, raw)
+        else:
+            mail, sha, failure = _parse_and_hash(raw)
+        bound = log.bind(peer=envelope.peer, channel=envelope.channel, raw=sha[:16])
+        if mail is None or mail.fatal:
+            return await self._quarantine(raw, sha, envelope, failure or str(mail and mail.fatal),
+                                          bound)
+        ctx = self._context(raw, sha, envelope, mail, routes)
+        bound = bound.bind(message_id=mail.message_id, department=routes[0].department,
+                           rules=[h.rule for h in ctx.classification.hits])
+        for attempt in range(3):
+            try:
+                return await self._store(ctx, bound)
+            except IntegrityError as exc:
+                # Another session or instance committed the same mail (or contact) first;
+                # the next attempt sees its rows and answers duplicate.
+                bound.info("ingest.conflict", attempt=attempt, error=type(exc.orig).__name__)
+            except SQLAlchemyError as exc:
+                bound.error("ingest.store_unavailable", error=type(exc).__name__)
+                raise StoreUnavailable(f"store unavailable: {type(exc).__name__}") from exc
+            except OSError as exc:
+                bound.error("ingest.store_unavailable", error=exc.strerror)
+                raise StoreUnavailable(f"store unavailable: {exc.strerror}") from exc
+        raise StoreUnavailable("store conflict did not settle after 3 attempts")
+
+    def _context(self, raw: bytes, sha: str, envelope: Envelope, mail: ParsedMail,
+                 routes: list[Route]) -> _Context:
+        sender = normalize_address(mail.from_addr) or normalize_address(envelope.mail_from)
+        return _Context(
+            raw=raw, sha256=sha, envelope=envelope, mail=mail, routes=routes,
+            classification=classify(mail, envelope, self.own_addresses), sender=sender,
+            fingerprint=fingerprint(mail),
+            authenticated=sender_authenticated(mail, self.settings.inbound.trusted_authserv_ids),
+        )
+
+    async def _store(self, ctx: _Context, bound: Any) -> Verdict:
+        async with self.store.transaction() as session:
+            duplicate = await repo.find_by_fingerprint(session, ctx.fingerprint)
+            if duplicate is not None:
+                bound.info("ingest.duplicate", ticket=duplicate[1])
+                return Verdict(Outcome.DUPLICATE, duplicate[1], "already stored")
+            threading = await self._thread(session, ctx)
+            now = self.clock()
+            decision = decide(threading, ctx.classification.kind, now, self.follow_up_window)
+            if decision.action is Action.QUARANTINE or ctx.sender is None and \
+                    decision.action is not Action.APPEND:
+                reason = decision.reason or "no usable sender address"
+                verdict = await self._quarantine_in(session, ctx.raw, ctx.sha256, ctx.envelope,
+                                                    reason, now)
+            else:
+                verdict = await self._apply(session, ctx, threading, decision, now)
+        bound.info("ingest.stored", outcome=verdict.outcome.value, ticket=verdict.ticket_number,
+                   thread=threading.step, kind=ctx.classification.kind.value,
+                   reason=verdict.reason or None)
+        return verdict
+
+    async def _thread(self, session: AsyncSession, ctx: _Context) -> ThreadDecision:
+        mail = ctx.mail
+        ids = [*mail.in_reply_to, *mail.references]
+        by_token = None
+        token_route = next((r for r in ctx.routes if r.kind is RouteKind.REPLY), None)
+        if token_route is not None and token_route.ticket_number is not None:
+            by_token = await repo.ticket_ref(session, token_route.ticket_number)
+        by_tag, participant = None, False
+        tag = find_tag(mail.subject, self.tag)
+        if tag is not None:
+            by_tag = await repo.ticket_ref(session, tag)
+            if by_tag is not None and ctx.sender:
+                participant = await repo.is_participant(session, by_tag.id, ctx.sender)
+        evidence = ThreadEvidence(await repo.tickets_by_message_ids(session, ids), by_token,
+                                  by_tag, participant)
+        return thread(mail, evidence, ctx.authenticated)
+
+    async def _apply(self, session: AsyncSession, ctx: _Context, threading: ThreadDecision,
+                     decision: Decision, now: datetime) -> Verdict:
+        await repo.put_raw(session, ctx.sha256, ctx.raw, now)
+        events: list[tuple[str, dict[str, Any]]] = list(decision.events)
+        if decision.action is Action.APPEND and decision.ticket is not None:
+            ticket_id, number = decision.ticket.id, decision.ticket.number
+            if decision.new_status is not None:
+                await repo.set_ticket_status(session, ticket_id, decision.new_status.value, now)
+            else:
+                await repo.touch_ticket(session, ticket_id, now)
+        else:
+            ticket = await self._create_ticket(session, ctx, now, decision)
+            ticket_id, number = ticket.id, ticket.number
+            events.append(("created", {"channel": ctx.envelope.channel, "thread": threading.detail,
+                                       "to": ctx.routes[0].address}))
+            if decision.action is Action.FOLLOW_UP and decision.ticket is not None:
+                events.append(("follow_up_of", {"ticket": decision.ticket.number}))
+        message = await repo.add(session, self._message_row(ctx, ticket_id, now))
+        events.extend(await self._attachments(session, ctx.mail, message.id))
+        if ctx.classification.hits:
+            events.append(("rules", {"kind": ctx.classification.kind.value, "hits": [
+                {"rule": h.rule, "reason": h.reason} for h in ctx.classification.hits]}))
+        await repo.add_events(session, ticket_id, now, events)
+        return Verdict(Outcome.STORED, number, threading.step,
+                       tuple(h.rule for h in ctx.classification.hits))
+
+    async def _create_ticket(self, session: AsyncSession, ctx: _Context, now: datetime,
+                             decision: Decision) -> Ticket:
+        assert ctx.sender is not None
+        # A mail to several of our addresses makes one ticket, in the first one's department.
+        department = self.departments[ctx.routes[0].department or ""]
+        slug = department.slug
+        contact_id = await repo.upsert_contact(session, ctx.sender, ctx.mail.from_name[:200], now)
+        reply_to = next(filter(None, map(normalize_address, ctx.mail.reply_to)), None)
+        return await repo.add(session, Ticket(
+            number=await repo.next_ticket_number(session),
+            department_id=self.department_ids.get(slug) or await repo.department_id(session, slug),
+            contact_id=contact_id, subject=ctx.mail.subject[:2000] or "(no subject)",
+            status=(decision.new_status or "open"), priority="none", channel="email",
+            reply_to=reply_to, language=department.language,
+            follow_up_of_id=decision.ticket.id if decision.ticket else None, tags=[],
+            created_at=now, updated_at=now))
+
+    def _message_row(self, ctx: _Context, ticket_id: int, now: datetime) -> Message:
+        mail = ctx.mail
+        return Message(
+            ticket_id=ticket_id, direction="in", kind=ctx.classification.kind.value,
+            message_id=mail.message_id, fingerprint=ctx.fingerprint,
+            in_reply_to=list(mail.in_reply_to), references=list(mail.references)[-50:],
+            from_addr=ctx.sender, from_name=mail.from_name[:200], reply_to=list(mail.reply_to),
+            to=list(mail.to), cc=list(mail.cc), subject=mail.subject, date=mail.date,
+            received_at=now, text=mail.text, html=mail.html,
+            auth_results=mail.header("authentication-results"), raw_sha256=ctx.sha256,
+            envelope_from=ctx.envelope.mail_from, envelope_to=list(ctx.envelope.rcpt_tos),
+            peer=ctx.envelope.peer, channel=ctx.envelope.channel,
+            rule_hits=[{"rule": h.rule, "reason": h.reason} for h in ctx.classification.hits],
+            defects=list(mail.defects)[:50])
+
+    async def _attachments(self, session: AsyncSession, mail: ParsedMail, message_id: int
+                           ) -> list[tuple[str, dict[str, Any]]]:
+        limit = self.settings.inbound.max_attachment_bytes
+        rows, events = [], []
+        for part in mail.attachments:
+            too_big = len(part.payload) > limit
+            reason = f"larger than the {limit} byte attachment limit; kept in the raw mail" \
+                if too_big else None
+            rows.append({"message_id": message_id, "filename": part.filename,
+                         "content_type": part.content_type, "size": len(part.payload),
+                         "sha256": hashlib.sha256(part.payload).hexdigest(),
+                         "inline": part.inline, "content_id": part.content_id,
+                         "content": None if too_big else part.payload, "not_kept_reason": reason})
+            if too_big:
+                events.append(("attachment_not_kept", {"filename": part.filename,
+                                                       "size": len(part.payload),
+                                                       "reason": reason}))
+        await repo.add_attachments(session, rows)
+        return events
+
+    async def _quarantine(self, raw: bytes, sha: str, envelope: Envelope, reason: str,
+                          bound: Any) -> Verdict:
+        try:
+            async with self.store.transaction() as session:
+                verdict = await self._quarantine_in(session, raw, sha, envelope, reason,
+                                                    self.clock())
+        except SQLAlchemyError as exc:
+            bound.error("ingest.store_unavailable", error=type(exc).__name__)
+            raise StoreUnavailable(f"store unavailable: {type(exc).__name__}") from exc
+        bound.warning("ingest.quarantined", reason=reason)
+        return verdict
+
+    async def _quarantine_in(self, session: AsyncSession, raw: bytes, sha: str,
+                             envelope: Envelope, reason: str, now: datetime) -> Verdict:
+        if await repo.find_quarantined(session, sha) is not None:
+            return Verdict(Outcome.DUPLICATE, reason=f"already quarantined: {reason}")
+        await repo.put_raw(session, sha, raw, now)
+        await repo.add(session, Quarantine(
+            raw_sha256=sha, reason=reason[:2000], envelope_from=envelope.mail_from,
+            envelope_to=list(envelope.rcpt_tos), peer=envelope.peer, channel=envelope.channel,
+            received_at=now, state="held"))
+        return Verdict(Outcome.QUARANTINED, reason=reason)

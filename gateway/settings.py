@@ -1,0 +1,274 @@
+"""TOML configuration -> frozen settings tree, validated once; errors name the key and line."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from email_validator import EmailNotValidError, validate_email
+
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG_PATHS = ("/etc/deskgate/deskgate.toml", "config/deskgate.dev.toml")
+LANGUAGES = ("en", "de", "nl", "zh")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class DepartmentSettings:
+    name: str
+    slug: str
+    language: str
+    timezone: str
+    addresses: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InboundSettings:
+    listen: Listen
+    max_message_bytes: int
+    max_attachment_bytes: int
+    trusted_authserv_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class TicketSettings:
+    tag_format: str  # must contain {number}
+    follow_up_window_days: int
+    reply_token_secret: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    source: str
+    hostname: str
+    database_url: str
+    log_level: str
+    inbound: InboundSettings
+    tickets: TicketSettings
+    departments: tuple[DepartmentSettings, ...]
+    relay: Listen  # where outbound mail goes (outbound issue)
+    submission: Listen  # agents' authenticated submission (agents issue)
+    web: Listen  # rating and verification links (web issue)
+
+    def department_of(self, address: str) -> DepartmentSettings | None:
+        address = address.lower()
+        for dept in self.departments:
+            if address in dept.addresses:
+                return dept
+        return None
+
+    @property
+    def own_addresses(self) -> frozenset[str]:
+        return frozenset(a for d in self.departments for a in d.addresses)
+
+    @property
+    def own_domains(self) -> frozenset[str]:
+        return frozenset(a.rsplit("@", 1)[1] for a in self.own_addresses)
+
+
+class _Reader:
+    """Reads typed values from the parsed TOML and collects every problem, not just the first."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.lines = text.splitlines()
+        self.source = source
+        self.problems: list[str] = []
+
+    def line_of(self, dotted: str) -> int | None:
+        leaf = dotted.rsplit(".", 1)[-1].split("[")[0]
+        pattern = re.compile(rf"^\s*{re.escape(leaf)}\s*=")
+        for number, line in enumerate(self.lines, 1):
+            if pattern.match(line):
+                return number
+        return None
+
+    def fail(self, dotted: str, message: str) -> None:
+        line = self.line_of(dotted)
+        where = f"{self.source}:{line}" if line else self.source
+        self.problems.append(f"{where}: {dotted}: {message}")
+
+    def get(self, table: dict[str, Any], key: str, prefix: str, kind: type, default: Any) -> Any:
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in table:
+            if default is _REQUIRED:
+                self.fail(dotted, "is required")
+            return default if default is not _REQUIRED else None
+        value = table[key]
+        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+            self.fail(dotted, f"must be {_KIND_NAMES[kind]}, not {value!r}")
+            return default if default is not _REQUIRED else None
+        return value
+
+    def unknown(self, table: dict[str, Any], known: set[str], prefix: str) -> None:
+        for key in table:
+            if key not in known:
+                dotted = f"{prefix}.{key}" if prefix else key
+                self.fail(dotted, "is not a known key (see config/deskgate.example.toml)")
+
+
+_REQUIRED = object()
+_KIND_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "a table", bool: "true/false"}
+
+
+def _listen(r: _Reader, table: dict[str, Any], prefix: str, default: str) -> Listen:
+    value = r.get(table, "listen", prefix, str, default)
+    host, sep, port = (value or default).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        r.fail(f"{prefix}.listen", f"must look like HOST:PORT, not {value!r}")
+        host, port = "127.0.0.1", "0"
+    return Listen(host.strip("[]"), int(port))
+
+
+def _section(r: _Reader, data: dict[str, Any], name: str, known: set[str]) -> dict[str, Any]:
+    table = r.get(data, name, "", dict, {})
+    r.unknown(table, known, name)
+    return table
+
+
+def _address(r: _Reader, value: Any, dotted: str) -> str | None:
+    if not isinstance(value, str):
+        r.fail(dotted, f"must be an e-mail address, not {value!r}")
+        return None
+    try:
+        return validate_email(value, check_deliverability=False, test_environment=True,
+                              globally_deliverable=False).normalized.lower()
+    except EmailNotValidError as exc:
+        r.fail(dotted, f"{value!r} is not an e-mail address: {exc}")
+        return None
+
+
+def _department(r: _Reader, table: dict[str, Any], index: int) -> DepartmentSettings:
+    prefix = f"departments[{index}]"
+    r.unknown(table, {"name", "slug", "language", "timezone", "addresses"}, prefix)
+    name = r.get(table, "name", prefix, str, _REQUIRED) or f"#{index}"
+    slug = r.get(table, "slug", prefix, str, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
+    language = r.get(table, "language", prefix, str, "en")
+    if language not in LANGUAGES:
+        r.fail(f"{prefix}.language", f"must be one of {', '.join(LANGUAGES)}, not {language!r}")
+    timezone = r.get(table, "timezone", prefix, str, "UTC")
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        r.fail(f"{prefix}.timezone", f"{timezone!r} is not a known time zone")
+    raw_addresses = r.get(table, "addresses", prefix, list, _REQUIRED) or []
+    addresses = tuple(
+        a for i, v in enumerate(raw_addresses) if (a := _address(r, v, f"{prefix}.addresses[{i}]"))
+    )
+    if not raw_addresses:
+        r.fail(f"{prefix}.addresses", "must list at least one address")
+    return DepartmentSettings(name, slug, language, timezone, addresses)
+
+
+def _secret(r: _Reader, tickets: dict[str, Any]) -> bytes:
+    secret = r.get(tickets, "secret", "tickets", str, None)
+    secret_file = r.get(tickets, "secret_file", "tickets", str, None)
+    if secret_file:
+        try:
+            secret = Path(secret_file).read_text().strip()
+        except OSError as exc:
+            r.fail("tickets.secret_file", f"cannot be read: {exc.strerror}")
+    if not secret or len(secret) < 16:
+        r.fail("tickets.secret", "must be set (or secret_file) to at least 16 characters")
+        return b"x" * 16
+    return secret.encode()
+
+
+def _check_departments(r: _Reader, departments: list[DepartmentSettings]) -> None:
+    seen: dict[str, str] = {}
+    slugs: set[str] = set()
+    for dept in departments:
+        if dept.slug in slugs:
+            r.fail("departments", f"slug {dept.slug!r} is used twice")
+        slugs.add(dept.slug)
+        for address in dept.addresses:
+            if address in seen:
+                r.fail("departments", f"{address} belongs to {seen[address]} and {dept.name}")
+            seen[address] = dept.name
+    if not departments:
+        r.fail("departments", "at least one [[departments]] table is required")
+
+
+def parse_settings(text: str, source: str = "<config>") -> Settings:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+    r = _Reader(text, source)
+    known = {"hostname", "log_level", "database", "inbound", "tickets", "departments", "relay",
+             "submission", "web"}
+    r.unknown(data, known, "")
+    hostname = r.get(data, "hostname", "", str, "deskgate.localdomain")
+    log_level = r.get(data, "log_level", "", str, "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        r.fail("log_level", f"must be debug, info, warning or error, not {log_level!r}")
+    database = _section(r, data, "database", {"url"})
+    url = r.get(database, "url", "database", str, "sqlite+aiosqlite:///var/deskgate.sqlite3")
+    if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+        r.fail("database.url", "must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
+    inbound = _section(r, data, "inbound", {"listen", "max_message_bytes",
+                                            "max_attachment_bytes", "trusted_authserv_ids"})
+    inbound_settings = InboundSettings(
+        listen=_listen(r, inbound, "inbound", "127.0.0.1:2525"),
+        max_message_bytes=r.get(inbound, "max_message_bytes", "inbound", int, 50 * 2**20),
+        max_attachment_bytes=r.get(inbound, "max_attachment_bytes", "inbound", int, 20 * 2**20),
+        trusted_authserv_ids=tuple(r.get(inbound, "trusted_authserv_ids", "inbound", list, [])),
+    )
+    tickets = _section(r, data, "tickets", {"tag_format", "follow_up_window_days", "secret",
+                                            "secret_file"})
+    tag_format = r.get(tickets, "tag_format", "tickets", str, "[#{number}]")
+    if "{number}" not in tag_format:
+        r.fail("tickets.tag_format", "must contain {number}")
+    ticket_settings = TicketSettings(
+        tag_format=tag_format,
+        follow_up_window_days=r.get(tickets, "follow_up_window_days", "tickets", int, 14),
+        reply_token_secret=_secret(r, tickets),
+    )
+    tables = r.get(data, "departments", "", list, [])
+    departments = [_department(r, t, i) for i, t in enumerate(tables) if isinstance(t, dict)]
+    _check_departments(r, departments)
+    listens = {
+        name: _listen(r, _section(r, data, name, {"listen"}), name, default)
+        for name, default in (("relay", "127.0.0.1:2526"), ("submission", "127.0.0.1:2587"),
+                              ("web", "127.0.0.1:8080"))
+    }
+    if r.problems:
+        raise ConfigError(r.problems)
+    return Settings(source=source, hostname=hostname, database_url=url, log_level=log_level,
+                    inbound=inbound_settings, tickets=ticket_settings,
+                    departments=tuple(departments), **listens)
+
+
+def find_config(explicit: str | None) -> Path:
+    """--config, else $DESKGATE_CONFIG, else the system file, else the dev checkout's file."""
+    candidates = [explicit] if explicit else []
+    if not explicit and os.environ.get("DESKGATE_CONFIG"):
+        candidates = [os.environ["DESKGATE_CONFIG"]]
+    if not candidates:
+        candidates = list(DEFAULT_CONFIG_PATHS)
+    for candidate in candidates:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    raise ConfigError([f"no configuration file found (tried {', '.join(candidates)}); "
+                       "pass --config PATH"])
+
+
+def load_settings(path: Path) -> Settings:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"{path}: cannot be read: {exc}"]) from None
+    return parse_settings(text, str(path))

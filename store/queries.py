@@ -1,0 +1,118 @@
+"""Read models for people (CLI, later the web): plain dicts, ready for JSON or text."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.errors import NotFound
+from store.models import Attachment, Contact, Department, Event, Message, Quarantine, Ticket
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _ticket_summary(ticket: Ticket, department: str, contact: str, count: int) -> dict[str, Any]:
+    return {"number": ticket.number, "subject": ticket.subject, "status": ticket.status,
+            "priority": ticket.priority, "department": department, "contact": contact,
+            "messages": count, "created_at": _iso(ticket.created_at),
+            "updated_at": _iso(ticket.updated_at), "closed_at": _iso(ticket.closed_at)}
+
+
+def _summary_query() -> Any:
+    count = (select(func.count(Message.id)).where(Message.ticket_id == Ticket.id)
+             .correlate(Ticket).scalar_subquery())
+    return (select(Ticket, Department.slug, Contact.email, count)
+            .join(Department, Department.id == Ticket.department_id)
+            .join(Contact, Contact.id == Ticket.contact_id))
+
+
+async def list_tickets(session: AsyncSession, status: str | None = None,
+                       department: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    query = _summary_query().order_by(Ticket.number.desc()).limit(limit)
+    if status:
+        query = query.where(Ticket.status == status)
+    if department:
+        query = query.where(Department.slug == department)
+    return [_ticket_summary(*row) for row in await session.execute(query)]
+
+
+async def _ticket_row(session: AsyncSession, number: int) -> Ticket:
+    ticket = await session.scalar(select(Ticket).where(Ticket.number == number))
+    if ticket is None:
+        raise NotFound(f"there is no ticket {number}")
+    return ticket
+
+
+def _message(message: Message, attachments: list[Attachment]) -> dict[str, Any]:
+    return {"direction": message.direction, "kind": message.kind, "from": message.from_addr,
+            "from_name": message.from_name, "to": message.to, "cc": message.cc,
+            "subject": message.subject, "date": _iso(message.date),
+            "received_at": _iso(message.received_at), "message_id": message.message_id,
+            "text": message.text, "rules": message.rule_hits, "raw_sha256": message.raw_sha256,
+            "attachments": [{"filename": a.filename, "content_type": a.content_type,
+                             "size": a.size, "sha256": a.sha256, "inline": a.inline,
+                             "kept": a.content is not None, "not_kept_reason": a.not_kept_reason}
+                            for a in attachments]}
+
+
+async def ticket_detail(session: AsyncSession, number: int) -> dict[str, Any]:
+    ticket = await _ticket_row(session, number)
+    row = (await session.execute(_summary_query().where(Ticket.id == ticket.id))).one()
+    detail = _ticket_summary(*row)
+    messages = list(await session.scalars(select(Message).where(Message.ticket_id == ticket.id)
+                                          .order_by(Message.received_at, Message.id)))
+    attachments: dict[int, list[Attachment]] = {}
+    for attachment in await session.scalars(select(Attachment).where(
+            Attachment.message_id.in_([m.id for m in messages])).order_by(Attachment.id)):
+        attachments.setdefault(attachment.message_id, []).append(attachment)
+    events = await session.scalars(select(Event).where(Event.ticket_id == ticket.id)
+                                   .order_by(Event.at, Event.id))
+    follow_up_of = None
+    if ticket.follow_up_of_id:
+        follow_up_of = await session.scalar(select(Ticket.number).where(
+            Ticket.id == ticket.follow_up_of_id))
+    detail.update(reply_to=ticket.reply_to, follow_up_of=follow_up_of,
+                  thread=[_message(m, attachments.get(m.id, [])) for m in messages],
+                  events=[{"type": e.type, "at": _iso(e.at), "data": e.data} for e in events])
+    return detail
+
+
+async def contact_detail(session: AsyncSession, email: str) -> dict[str, Any]:
+    contact = await session.scalar(select(Contact).where(Contact.email == email.lower()))
+    if contact is None:
+        raise NotFound(f"there is no contact {email}")
+    rows = await session.execute(_summary_query().where(Ticket.contact_id == contact.id)
+                                 .order_by(Ticket.created_at.desc()))
+    return {"email": contact.email, "name": contact.name, "created_at": _iso(contact.created_at),
+            "tickets": [_ticket_summary(*row) for row in rows]}
+
+
+def _quarantine(entry: Quarantine) -> dict[str, Any]:
+    return {"id": entry.id, "reason": entry.reason, "state": entry.state,
+            "envelope_from": entry.envelope_from, "envelope_to": entry.envelope_to,
+            "peer": entry.peer, "channel": entry.channel, "received_at": _iso(entry.received_at),
+            "raw_sha256": entry.raw_sha256, "released_to_ticket": entry.released_to_ticket}
+
+
+async def list_quarantine(session: AsyncSession, state: str | None = "held"
+                          ) -> list[dict[str, Any]]:
+    query = select(Quarantine).order_by(Quarantine.id)
+    if state:
+        query = query.where(Quarantine.state == state)
+    return [_quarantine(q) for q in await session.scalars(query)]
+
+
+async def quarantine_entry(session: AsyncSession, entry_id: int) -> Quarantine:
+    entry = await session.get(Quarantine, entry_id)
+    if entry is None:
+        raise NotFound(f"there is no quarantine entry {entry_id}")
+    return entry
+
+
+def quarantine_view(entry: Quarantine) -> dict[str, Any]:
+    return _quarantine(entry)

@@ -1,0 +1,165 @@
+"""Async data access for the ingest pipeline and the CLI; no policy lives here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.ingest.identify import TicketRef
+from store.models import (
+    Address,
+    Attachment,
+    Contact,
+    Department,
+    Event,
+    Message,
+    Quarantine,
+    Raw,
+    Ticket,
+)
+
+
+def _insert_ignore(session: AsyncSession, table: Any) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING: safe when another instance inserts the same row."""
+    dialect = session.bind.dialect.name if session.bind else "sqlite"
+    return (pg_insert if dialect == "postgresql" else sqlite_insert)(table).on_conflict_do_nothing()
+
+
+async def sync_departments(session: AsyncSession, departments: Iterable[Any]) -> dict[str, int]:
+    """Make the departments and addresses of the config exist; returns slug -> id."""
+    ids: dict[str, int] = {}
+    for dept in departments:
+        row = await session.scalar(select(Department).where(Department.slug == dept.slug))
+        if row is None:
+            row = Department(slug=dept.slug, name=dept.name, language=dept.language,
+                             timezone=dept.timezone)
+            session.add(row)
+            await session.flush()
+        else:
+            row.name, row.language, row.timezone = dept.name, dept.language, dept.timezone
+        ids[dept.slug] = row.id
+        for email in dept.addresses:
+            await session.execute(_insert_ignore(session, Address).values(
+                email=email, department_id=row.id, verification_state="pending"))
+            await session.execute(update(Address).where(Address.email == email)
+                                  .values(department_id=row.id))
+    return ids
+
+
+def _ref_query() -> Any:
+    return select(Ticket.id, Ticket.number, Department.slug, Ticket.status, Ticket.closed_at
+                  ).join(Department, Department.id == Ticket.department_id)
+
+
+def _ref(row: Any) -> TicketRef:
+    return TicketRef(id=row[0], number=row[1], department=row[2], status=row[3],
+                     closed_at=_aware(row[4]))
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we write is UTC."""
+    from datetime import UTC
+
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+async def find_by_fingerprint(session: AsyncSession, fingerprint: str) -> tuple[int, int] | None:
+    row = (await session.execute(
+        select(Message.id, Ticket.number).join(Ticket, Ticket.id == Message.ticket_id)
+        .where(Message.fingerprint == fingerprint))).first()
+    return (row[0], row[1]) if row else None
+
+
+async def find_quarantined(session: AsyncSession, raw_sha256: str) -> int | None:
+    return await session.scalar(select(Quarantine.id).where(Quarantine.raw_sha256 == raw_sha256))
+
+
+async def tickets_by_message_ids(session: AsyncSession, ids: Sequence[str]
+                                 ) -> dict[str, TicketRef]:
+    if not ids:
+        return {}
+    rows = await session.execute(_ref_query().add_columns(Message.message_id)
+                                 .join(Message, Message.ticket_id == Ticket.id)
+                                 .where(Message.message_id.in_(list(ids)[:100])))
+    return {row[5]: _ref(row) for row in rows}
+
+
+async def ticket_ref(session: AsyncSession, number: int) -> TicketRef | None:
+    row = (await session.execute(_ref_query().where(Ticket.number == number))).first()
+    return _ref(row) if row else None
+
+
+async def is_participant(session: AsyncSession, ticket_id: int, email: str) -> bool:
+    contact = await session.scalar(select(Contact.email).join(Ticket, Ticket.contact_id ==
+                                   Contact.id).where(Ticket.id == ticket_id))
+    if contact == email:
+        return True
+    found = await session.scalar(select(Message.id).where(Message.ticket_id == ticket_id,
+                                 Message.from_addr == email).limit(1))
+    return found is not None
+
+
+async def upsert_contact(session: AsyncSession, email: str, name: str, now: datetime) -> int:
+    await session.execute(_insert_ignore(session, Contact).values(email=email, name=name,
+                                                                   created_at=now))
+    contact_id = await session.scalar(select(Contact.id).where(Contact.email == email))
+    assert contact_id is not None
+    if name:
+        await session.execute(update(Contact).where(Contact.id == contact_id, Contact.name == "")
+                              .values(name=name))
+    return contact_id
+
+
+async def put_raw(session: AsyncSession, sha256: str, content: bytes, now: datetime) -> None:
+    await session.execute(_insert_ignore(session, Raw).values(
+        sha256=sha256, content=content, size=len(content), created_at=now))
+
+
+async def next_ticket_number(session: AsyncSession) -> int:
+    if session.bind and session.bind.dialect.name == "postgresql":
+        return int(await session.scalar(text("SELECT nextval('ticket_number_seq')")))
+    # SQLite: we hold the write lock (BEGIN IMMEDIATE), so MAX + 1 cannot race.
+    return int(await session.scalar(select(func.coalesce(func.max(Ticket.number), 0) + 1)))
+
+
+async def add(session: AsyncSession, row: Any) -> Any:
+    session.add(row)
+    await session.flush()
+    return row
+
+
+async def add_events(session: AsyncSession, ticket_id: int, now: datetime,
+                     events: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    rows = [{"ticket_id": ticket_id, "type": kind, "data": data, "at": now}
+            for kind, data in events]
+    if rows:
+        await session.execute(insert(Event), rows)
+
+
+async def add_attachments(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        await session.execute(insert(Attachment), rows)
+
+
+async def set_ticket_status(session: AsyncSession, ticket_id: int, status: str, now: datetime
+                            ) -> None:
+    values: dict[str, Any] = {"status": status, "updated_at": now}
+    values["closed_at"] = now if status == "closed" else None
+    await session.execute(update(Ticket).where(Ticket.id == ticket_id).values(**values))
+
+
+async def touch_ticket(session: AsyncSession, ticket_id: int, now: datetime) -> None:
+    await session.execute(update(Ticket).where(Ticket.id == ticket_id).values(updated_at=now))
+
+
+async def department_id(session: AsyncSession, slug: str) -> int:
+    found = await session.scalar(select(Department.id).where(Department.slug == slug))
+    if found is None:
+        raise LookupError(f"department {slug!r} is not in the database (run deskgate db upgrade)")
+    return found
