@@ -159,7 +159,14 @@ async def test_store_failure_mid_transaction_answers_451_and_keeps_nothing(
                 "RAISE EXCEPTION 'injected failure'; END $$ LANGUAGE plpgsql"))
             await session.execute(text("CREATE TRIGGER fail_messages BEFORE INSERT ON messages "
                                        "FOR EACH ROW EXECUTE FUNCTION fail_messages()"))
-    reply = await send(gw.inbound_port, make_mail())
+    try:
+        reply = await send(gw.inbound_port, make_mail())
+    finally:
+        async with gw.store.transaction() as session:
+            await session.execute(text("DROP TRIGGER fail_messages" +
+                                       ("" if gw.store.is_sqlite else " ON messages")))
+            if not gw.store.is_sqlite:
+                await session.execute(text("DROP FUNCTION fail_messages()"))
     assert (reply.code, reply.stage) == (451, "data")
     assert reply.message.startswith("4.3.0")
     assert "injected" not in reply.message
