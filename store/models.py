@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -29,7 +30,25 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-TZ = DateTime(timezone=True)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps in UTC on both stores; SQLite keeps no zone, so it is put back on read."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(UTC)
+            return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+TZ = UTCDateTime()
 
 
 class Base(DeclarativeBase):
@@ -145,6 +164,10 @@ class Message(Base):
     received_at: Mapped[datetime]
     text: Mapped[str] = mapped_column(Text, default="")
     html: Mapped[str | None] = mapped_column(Text)
+    # What the customer newly wrote (no quoted history, no signature) and sanitised HTML.
+    visible_text: Mapped[str | None] = mapped_column(Text)
+    html_safe: Mapped[str | None] = mapped_column(Text)
+    language: Mapped[str | None] = mapped_column(String(16))
     auth_results: Mapped[str | None] = mapped_column(Text)
     raw_sha256: Mapped[str | None] = mapped_column(ForeignKey("raws.sha256"))
     envelope_from: Mapped[str | None] = mapped_column(String(320))
@@ -188,6 +211,7 @@ class Quarantine(Base):
 class Outbox(Base):
     __tablename__ = "outbox"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(24), default="ack")  # what caused it
     ticket_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"), index=True)
     cause_message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
     envelope_from: Mapped[str] = mapped_column(String(320))
@@ -225,3 +249,16 @@ class Event(Base):
     type: Mapped[str] = mapped_column(String(40))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
     at: Mapped[datetime]
+
+
+class ImapMailbox(Base):
+    """IMAP checkpoints: exactly-once import across restarts (UIDVALIDITY + last UID)."""
+
+    __tablename__ = "imap_mailboxes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    uidvalidity: Mapped[int | None] = mapped_column(BigInteger)
+    last_uid: Mapped[int] = mapped_column(BigInteger, default=0)
+    backlog: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_polled_at: Mapped[datetime | None]

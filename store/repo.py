@@ -59,14 +59,7 @@ def _ref_query() -> Any:
 
 def _ref(row: Any) -> TicketRef:
     return TicketRef(id=row[0], number=row[1], department=row[2], status=row[3],
-                     closed_at=_aware(row[4]))
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything we write is UTC."""
-    from datetime import UTC
-
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+                     closed_at=row[4])
 
 
 async def find_by_fingerprint(session: AsyncSession, fingerprint: str) -> tuple[int, int] | None:

@@ -110,7 +110,7 @@ def pg_database() -> Iterator[str]:
     asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-TABLES = ("events", "attachments", "ratings", "outbox", "messages", "quarantine", "raws",
+TABLES = ("imap_mailboxes", "events", "attachments", "ratings", "outbox", "messages", "quarantine", "raws",
           "tickets", "agent_departments", "agents", "contacts", "accounts", "addresses",
           "departments")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -87,6 +87,29 @@ class _Context:
     authenticated: bool | None
 
 
+@dataclass(frozen=True, slots=True)
+class StoredMail:
+    """What an after-store hook learns about a mail just written (same transaction)."""
+
+    ticket_id: int
+    ticket_number: int
+    message_pk: int
+    created: bool  # a new ticket (including a follow-up)
+    reopened: bool
+    department: str  # slug of the ticket's department
+    contact: str | None  # normalized sender
+    reply_to: str | None  # where answers to the customer go (Reply-To, else sender)
+    mail: ParsedMail
+    envelope: Envelope
+    classification: Classification
+    now: datetime
+
+
+# Runs inside the ingest transaction: what it writes commits, or rolls back, with the mail
+# (DESIGN 3: an outbox row is written in the same transaction as its cause).
+AfterStore = Callable[[AsyncSession, StoredMail], Awaitable[list[tuple[str, dict[str, Any]]]]]
+
+
 class Pipeline:
     def __init__(self, settings: Settings, store: Store,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
@@ -101,6 +124,7 @@ class Pipeline:
         self.own_addresses = settings.own_addresses
         self.departments = {d.slug: d for d in settings.departments}
         self.department_ids: dict[str, int] = {}
+        self.after_store: list[AfterStore] = []
 
     async def start(self) -> None:
         async with self.store.transaction() as session:
@@ -209,6 +233,17 @@ class Pipeline:
         if ctx.classification.hits:
             events.append(("rules", {"kind": ctx.classification.kind.value, "hits": [
                 {"rule": h.rule, "reason": h.reason} for h in ctx.classification.hits]}))
+        stored = StoredMail(
+            ticket_id=ticket_id, ticket_number=number, message_pk=message.id,
+            created=decision.action is not Action.APPEND,
+            reopened=any(kind == "reopened" for kind, _ in decision.events),
+            department=decision.ticket.department if decision.action is Action.APPEND and
+            decision.ticket else (ctx.routes[0].department or ""),
+            contact=ctx.sender,
+            reply_to=next(filter(None, map(normalize_address, ctx.mail.reply_to)), ctx.sender),
+            mail=ctx.mail, envelope=ctx.envelope, classification=ctx.classification, now=now)
+        for hook in self.after_store:
+            events.extend(await hook(session, stored))
         await repo.add_events(session, ticket_id, now, events)
         return Verdict(Outcome.STORED, number, threading.step,
                        tuple(h.rule for h in ctx.classification.hits))

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 17:59:02.580593
+Create Date: 2026-11-23 18:16:44.295256
 
 """
 from typing import Sequence, Union
@@ -47,6 +47,17 @@ def upgrade() -> None:
     sa.Column('timezone', sa.String(length=64), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_departments')),
     sa.UniqueConstraint('slug', name=op.f('uq_departments_slug'))
+    )
+    op.create_table('imap_mailboxes',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('name', sa.String(length=200), nullable=False),
+    sa.Column('uidvalidity', sa.BigInteger(), nullable=True),
+    sa.Column('last_uid', sa.BigInteger(), nullable=False),
+    sa.Column('backlog', sa.Integer(), nullable=False),
+    sa.Column('last_error', sa.Text(), nullable=True),
+    sa.Column('last_polled_at', sa.DateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_imap_mailboxes')),
+    sa.UniqueConstraint('name', name=op.f('uq_imap_mailboxes_name'))
     )
     op.create_table('raws',
     sa.Column('sha256', sa.String(length=64), nullable=False),
@@ -162,6 +173,9 @@ def upgrade() -> None:
     sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('text', sa.Text(), nullable=False),
     sa.Column('html', sa.Text(), nullable=True),
+    sa.Column('visible_text', sa.Text(), nullable=True),
+    sa.Column('html_safe', sa.Text(), nullable=True),
+    sa.Column('language', sa.String(length=16), nullable=True),
     sa.Column('auth_results', sa.Text(), nullable=True),
     sa.Column('raw_sha256', sa.String(length=64), nullable=True),
     sa.Column('envelope_from', sa.String(length=320), nullable=True),
@@ -214,6 +228,7 @@ def upgrade() -> None:
 
     op.create_table('outbox',
     sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('kind', sa.String(length=24), nullable=False),
     sa.Column('ticket_id', sa.Integer(), nullable=True),
     sa.Column('cause_message_id', sa.Integer(), nullable=True),
     sa.Column('envelope_from', sa.String(length=320), nullable=False),
@@ -278,6 +293,7 @@ def downgrade() -> None:
     op.drop_table('agent_departments')
     op.drop_table('addresses')
     op.drop_table('raws')
+    op.drop_table('imap_mailboxes')
     op.drop_table('departments')
     op.drop_table('agents')
     op.drop_table('accounts')
