@@ -53,9 +53,11 @@ async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[int]
 
 
 async def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.service import serve
+    from gateway.service import serve, supervise
 
-    await serve(settings)
+    if args.workers > 1:
+        return await supervise(settings.source, args.workers)
+    await serve(settings, reuse_port=args.reuse_port)
     return 0
 
 
@@ -70,7 +72,7 @@ async def cmd_db_upgrade(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_deliver(settings: Settings, args: argparse.Namespace) -> int:
     raw = sys.stdin.buffer.read()
-    envelope = Envelope(mail_from=args.sender or "", rcpt_tos=tuple(args.recipient),
+    envelope = Envelope(mail_from=_pipe_sender(args.sender, raw), rcpt_tos=tuple(args.recipient),
                         peer="pipe", channel="pipe")
 
     async def work(store: Store) -> int:
@@ -87,6 +89,16 @@ async def cmd_deliver(settings: Settings, args: argparse.Namespace) -> int:
     except (StoreUnavailable, SQLAlchemyError, OSError) as exc:
         print(f"deskgate: temporary failure, the MTA will retry: {exc}", file=sys.stderr)
         return EX_TEMPFAIL
+
+
+def _pipe_sender(given: str | None, raw: bytes) -> str | None:
+    """--sender as the MTA passed it ("" is the null sender), else its Return-Path line."""
+    if given is not None:
+        return given.strip().strip("<>")
+    head = raw[:raw.find(b"\n") + 1 or 4096]
+    if head[:12].lower() == b"return-path:":
+        return head[12:].decode("ascii", "replace").strip().strip("<>")
+    return None
 
 
 async def cmd_ticket(settings: Settings, args: argparse.Namespace) -> int:
@@ -210,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="configuration file (default: $DESKGATE_CONFIG, "
                         "/etc/deskgate/deskgate.toml, ./config/deskgate.dev.toml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("serve", help="run the daemon in the foreground").set_defaults(run=cmd_serve)
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="run N processes sharing the inbound port (default: 1)")
+    serve.add_argument("--reuse-port", action="store_true",
+                       help="listen with SO_REUSEPORT, so other deskgate processes can share it")
+    serve.set_defaults(run=cmd_serve)
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("path", nargs="?", help="file to check (default: --config)")
     check.set_defaults(run=cmd_check_config)
@@ -218,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser("upgrade", help="apply migrations").set_defaults(run=cmd_db_upgrade)
     deliver = sub.add_parser("deliver", help="ingest one mail from stdin (MTA pipe delivery)")
     deliver.add_argument("--recipient", action="append", required=True, metavar="ADDR")
-    deliver.add_argument("--sender", default="", metavar="ADDR", help="envelope sender")
+    deliver.add_argument("--sender", metavar="ADDR",
+                         help="envelope sender (\"\" for <>; default: the Return-Path line)")
     deliver.set_defaults(run=cmd_deliver)
     _ticket_parser(sub)
     contact = sub.add_parser("contact", help="contacts").add_subparsers(dest="action",

@@ -199,7 +199,7 @@ class Quarantine(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     raw_sha256: Mapped[str] = mapped_column(ForeignKey("raws.sha256"), unique=True)
     reason: Mapped[str] = mapped_column(Text)
-    envelope_from: Mapped[str] = mapped_column(String(320), default="")
+    envelope_from: Mapped[str | None] = mapped_column(String(320))
     envelope_to: Mapped[list[Any]] = mapped_column(default=list)
     peer: Mapped[str | None] = mapped_column(String(100))
     channel: Mapped[str] = mapped_column(String(16), default="smtp")
@@ -216,10 +216,17 @@ class Outbox(Base):
     cause_message_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id"))
     envelope_from: Mapped[str] = mapped_column(String(320))
     envelope_to: Mapped[list[Any]] = mapped_column(default=list)
+    # Header From and main recipient: a held row waits for its From to be verified, and
+    # acknowledgements are rate-limited per recipient across instances (DESIGN 4).
+    from_addr: Mapped[str] = mapped_column(String(320), default="")
+    recipient: Mapped[str] = mapped_column(String(320), default="", index=True)
     message_id: Mapped[str] = mapped_column(String(998))
     mime: Mapped[bytes] = mapped_column(LargeBinary)
+    # queued | sending | sent | failed | held | shunted (ours kept failing: for a human)
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    internal_errors: Mapped[int] = mapped_column(Integer, default=0)
+    bounce: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     next_attempt_at: Mapped[datetime]
     lease_until: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -11,7 +11,7 @@ from enum import StrEnum
 class Envelope:
     """What the SMTP transaction (or pipe/IMAP caller) told us, not what the headers say."""
 
-    mail_from: str  # "" for the null reverse-path <>
+    mail_from: str | None  # "" for the null reverse-path <>; None: the caller cannot tell
     rcpt_tos: tuple[str, ...]
     peer: str = ""
     channel: str = "smtp"  # smtp | pipe | imap | reprocess

@@ -99,7 +99,7 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('raw_sha256', sa.String(length=64), nullable=False),
     sa.Column('reason', sa.Text(), nullable=False),
-    sa.Column('envelope_from', sa.String(length=320), nullable=False),
+    sa.Column('envelope_from', sa.String(length=320), nullable=True),
     sa.Column('envelope_to', sa.JSON(), nullable=False),
     sa.Column('peer', sa.String(length=100), nullable=True),
     sa.Column('channel', sa.String(length=16), nullable=False),
@@ -233,10 +233,14 @@ def upgrade() -> None:
     sa.Column('cause_message_id', sa.Integer(), nullable=True),
     sa.Column('envelope_from', sa.String(length=320), nullable=False),
     sa.Column('envelope_to', sa.JSON(), nullable=False),
+    sa.Column('from_addr', sa.String(length=320), nullable=False),
+    sa.Column('recipient', sa.String(length=320), nullable=False),
     sa.Column('message_id', sa.String(length=998), nullable=False),
     sa.Column('mime', sa.LargeBinary(), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('internal_errors', sa.Integer(), nullable=False),
+    sa.Column('bounce', sa.JSON(), nullable=True),
     sa.Column('next_attempt_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('lease_until', sa.DateTime(timezone=True), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
@@ -247,6 +251,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_outbox'))
     )
     with op.batch_alter_table('outbox', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_outbox_recipient'), ['recipient'], unique=False)
         batch_op.create_index(batch_op.f('ix_outbox_state'), ['state'], unique=False)
         batch_op.create_index(batch_op.f('ix_outbox_ticket_id'), ['ticket_id'], unique=False)
 
@@ -265,6 +270,7 @@ def downgrade() -> None:
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_outbox_ticket_id'))
         batch_op.drop_index(batch_op.f('ix_outbox_state'))
+        batch_op.drop_index(batch_op.f('ix_outbox_recipient'))
 
     op.drop_table('outbox')
     with op.batch_alter_table('attachments', schema=None) as batch_op:
