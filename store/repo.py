@@ -34,21 +34,20 @@ def _insert_ignore(session: AsyncSession, table: Any) -> Any:
 async def sync_departments(session: AsyncSession, departments: Iterable[Any]) -> dict[str, int]:
     """Make the departments and addresses of the config exist; returns slug -> id."""
     ids: dict[str, int] = {}
-    for dept in departments:
-        row = await session.scalar(select(Department).where(Department.slug == dept.slug))
-        if row is None:
-            row = Department(slug=dept.slug, name=dept.name, language=dept.language,
-                             timezone=dept.timezone)
-            session.add(row)
-            await session.flush()
-        else:
-            row.name, row.language, row.timezone = dept.name, dept.language, dept.timezone
-        ids[dept.slug] = row.id
+    for dept in departments:  # insert-or-ignore: instances starting together must not clash
+        values = {"name": dept.name, "language": dept.language, "timezone": dept.timezone}
+        await session.execute(_insert_ignore(session, Department).values(slug=dept.slug,
+                                                                          **values))
+        await session.execute(update(Department).where(Department.slug == dept.slug)
+                              .values(**values))
+        dept_id = await session.scalar(select(Department.id).where(Department.slug == dept.slug))
+        assert dept_id is not None
+        ids[dept.slug] = dept_id
         for email in dept.addresses:
             await session.execute(_insert_ignore(session, Address).values(
-                email=email, department_id=row.id, verification_state="pending"))
+                email=email, department_id=dept_id, verification_state="pending"))
             await session.execute(update(Address).where(Address.email == email)
-                                  .values(department_id=row.id))
+                                  .values(department_id=dept_id))
     return ids
 
 

@@ -41,3 +41,8 @@ async def test_same_mail_to_both_instances_at_once_is_stored_once(make_gateway: 
         messages = await session.scalar(select(func.count()).select_from(Message))
         tickets = await session.scalar(select(func.count()).select_from(Ticket))
     assert (messages, tickets) == (10, 10)
+
+
+async def test_instances_starting_together_share_the_departments(make_gateway: Any) -> None:
+    gateways = await asyncio.gather(*(make_gateway() for _ in range(4)))
+    assert len({tuple(sorted(g.pipeline.department_ids.items())) for g in gateways}) == 1
