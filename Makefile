@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/deskgate.dev.toml
 
-.PHONY: serve test install install-test migrate clean
+.PHONY: serve test install install-test migrate clean install-system
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ serve: migrate
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# As root: user, /opt/deskgate, /etc/deskgate, the systemd unit, `deskgate db upgrade`
+# (README "Run under systemd"). Also the upgrade: run it again from the new checkout.
+install-system:
+	systemd/install.sh
 
 clean:
 	rm -rf $(VENV) var/*.sqlite3*

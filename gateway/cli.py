@@ -8,18 +8,21 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import logs
+from gateway import cli_imap, cli_rules, logs
 from gateway.errors import ConfigError, DeskgateError, StoreUnavailable
 from gateway.ingest.model import Envelope
 from gateway.ingest.pipeline import Outcome, Pipeline
+from gateway.outbound import commands as outbound_commands
 from gateway.settings import Settings, find_config, load_settings
-from gateway.tickets.lifecycle import Status, transition
+from gateway.tickets import actions
+from gateway.tickets.lifecycle import Status
+from gateway.tickets.sla_config import PRIORITIES
 from store import queries, repo
 from store.engine import Store
 from store.migrate import upgrade
@@ -102,49 +105,71 @@ def _pipe_sender(given: str | None, raw: bytes) -> str | None:
 
 
 async def cmd_ticket(settings: Settings, args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+
     async def work(store: Store) -> int:
         async with store.transaction() as session:
             if args.action == "list":
-                rows = await queries.list_tickets(session, args.status, args.department)
-                _print_json(rows) if args.json else _table(
-                    rows, ["number", "status", "department", "contact", "messages", "subject"])
-            elif args.action == "show":
+                rows = await queries.list_tickets(session, args.status, args.department,
+                                                  overdue_at=now if args.overdue else None,
+                                                  fields=_field_filters(args.field))
+                _print_json(rows) if args.json else _table(rows, [
+                    "number", "status", "priority", "department", "contact", "due_at",
+                    "subject"])
+                return 0
+            if args.action == "show":
                 detail = await queries.ticket_detail(session, args.number)
-                _print_json(detail) if args.json else _print_ticket(detail)
-            else:
-                await _close(session, args.number)
-                print(f"ticket {args.number} closed")
+                _print_json(detail) if args.json else _print_ticket(detail, args.full)
+                return 0
+            if args.action == "priority":
+                await actions.change_priority(session, settings, args.number, args.priority,
+                                              now, "cli")
+                print(f"ticket {args.number}: priority {args.priority}")
+                return 0
+            target = Status.CLOSED if args.action == "close" else Status(args.status)
+            await actions.change_status(session, settings, args.number, target, now, "cli")
+            print(f"ticket {args.number} {'closed' if args.action == 'close' else target.value}")
         return 0
 
     return await _with_store(settings, work)
 
 
-async def _close(session: Any, number: int) -> None:
-    ticket = await session.scalar(select(Ticket).where(Ticket.number == number))
-    if ticket is None:
-        raise DeskgateError(f"there is no ticket {number}")
-    try:
-        target = transition(ticket.status, Status.CLOSED)
-    except ValueError as exc:
-        raise DeskgateError(f"ticket {number}: {exc}") from None
-    now = datetime.now(UTC)
-    await repo.set_ticket_status(session, ticket.id, target.value, now)
-    await repo.add_events(session, ticket.id, now,
-                          [("status_changed", {"from": ticket.status, "to": target.value,
-                                               "by": "cli"})])
+def _body(message: dict[str, Any], full: bool) -> str:
+    """What the customer newly wrote (issue 12); the whole text with --full or when the
+    message predates the readable view."""
+    text = message["text"] if full or message.get("visible_text") is None \
+        else message["visible_text"]
+    return text.rstrip() or "(no text)"
 
 
-def _print_ticket(detail: dict[str, Any]) -> None:
+def _field_filters(pairs: list[str]) -> dict[str, str]:
+    filters = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise DeskgateError(f"--field {pair!r}: write it as NAME=VALUE")
+        filters[name] = value
+    return filters
+
+
+def _print_ticket(detail: dict[str, Any], full: bool = False) -> None:
     print(f"Ticket {detail['number']}: {detail['subject']}")
     print(f"  status {detail['status']} · department {detail['department']} · "
           f"contact {detail['contact']} · created {detail['created_at']}")
+    print(f"  priority {detail['priority']} · first response due "
+          f"{detail['first_response_due_at'] or '-'} · due {detail['due_at'] or '-'}")
+    labels = {"category": detail.get("category"), "subcategory": detail.get("subcategory"),
+              "product": detail.get("product"), "tags": ", ".join(detail.get("tags") or []),
+              **(detail.get("fields") or {})}
+    if any(labels.values()):
+        print("  " + " · ".join(f"{k} {v}" for k, v in labels.items() if v))
     if detail.get("follow_up_of"):
         print(f"  follow-up of ticket {detail['follow_up_of']}")
     for message in detail["thread"]:
         print(f"\n--- {message['direction']} {message['kind']} from {message['from']} "
               f"at {message['date'] or message['received_at']}")
         print(f"Subject: {message['subject']}")
-        print(message["text"].rstrip() or "(no text)")
+        print(_body(message, full))
         for attachment in message["attachments"]:
             kept = "" if attachment["kept"] else f" (not kept: {attachment['not_kept_reason']})"
             print(f"  [attachment] {attachment['filename']} {attachment['content_type']} "
@@ -210,6 +235,8 @@ async def _reprocess(settings: Settings, store: Store, entry: Quarantine, raw: b
 
 
 async def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
+    if problems := outbound_commands.check_dev_flags(settings):
+        raise ConfigError(problems)
     addresses = sum(len(d.addresses) for d in settings.departments)
     print(f"{settings.source}: OK: {len(settings.departments)} departments, {addresses} "
           f"addresses, inbound SMTP on {settings.inbound.listen}, "
@@ -217,8 +244,18 @@ async def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deskgate")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deskgate", description="Helpdesk email gateway.")
+    parser.add_argument("--version", action="version", version=f"deskgate {_version()}")
     parser.add_argument("--config", help="configuration file (default: $DESKGATE_CONFIG, "
                         "/etc/deskgate/deskgate.toml, ./config/deskgate.dev.toml)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -239,6 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="envelope sender (\"\" for <>; default: the Return-Path line)")
     deliver.set_defaults(run=cmd_deliver)
     _ticket_parser(sub)
+    report = sub.add_parser("report", help="reports").add_subparsers(dest="action", required=True)
+    sla = report.add_parser("sla", help="share of tickets meeting their SLA targets")
+    sla.add_argument("--since", metavar="YYYY-MM-DD", help="tickets created since (default: 30 days)")
+    sla.add_argument("--json", action="store_true")
+    sla.set_defaults(run=cmd_report)
     contact = sub.add_parser("contact", help="contacts").add_subparsers(dest="action",
                                                                         required=True)
     show = contact.add_parser("show", help="a contact and all their tickets")
@@ -246,7 +288,38 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     show.set_defaults(run=cmd_contact)
     _quarantine_parser(sub)
+    cli_rules.add_parsers(sub)
+    cli_imap.add_parsers(sub)
+    outbound_commands.add_parsers(sub)  # outbox, address, catch, dkim, render (issue 4)
     return parser
+
+
+async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
+    now = datetime.now(UTC)
+    since = datetime.fromisoformat(args.since).replace(tzinfo=UTC) if args.since \
+        else now - timedelta(days=30)
+
+    async def work(store: Store) -> int:
+        async with store.transaction() as session:
+            rows = await queries.sla_report(session, since, now)
+        if args.json:
+            _print_json(rows)
+            return 0
+        print(f"SLA since {since.date().isoformat()}")
+        _table([{"department": r["department"], "priority": r["priority"],
+                 "tickets": r["tickets"], **{f"{t}_met": _share(r[t]) for t in
+                                             ("first_response", "resolution")}} for r in rows],
+               ["department", "priority", "tickets", "first_response_met", "resolution_met"])
+        return 0
+
+    return await _with_store(settings, work)
+
+
+def _share(counts: dict[str, Any]) -> str:
+    share = counts["met_share"]
+    pending = f", {counts['pending']} pending" if counts["pending"] else ""
+    return "-" if share is None else f"{share:.0%} ({counts['met']}/" \
+        f"{counts['met'] + counts['breached']}{pending})"
 
 
 def _ticket_parser(sub: Any) -> None:
@@ -254,13 +327,25 @@ def _ticket_parser(sub: Any) -> None:
     listing = ticket.add_parser("list", help="list tickets, newest first")
     listing.add_argument("--status", choices=[s.value for s in Status])
     listing.add_argument("--department", metavar="SLUG")
+    listing.add_argument("--field", action="append", default=[], metavar="NAME=VALUE",
+                         help="only tickets whose custom field has this value")
+    listing.add_argument("--overdue", action="store_true",
+                         help="only open tickets past a first-response or resolution due date")
     listing.add_argument("--json", action="store_true")
     show = ticket.add_parser("show", help="the whole thread and timeline of a ticket")
     show.add_argument("number", type=int)
     show.add_argument("--json", action="store_true")
+    show.add_argument("--full", action="store_true",
+                      help="whole texts, quoted history and signatures included")
     close = ticket.add_parser("close", help="close a ticket")
     close.add_argument("number", type=int)
-    for parser in (listing, show, close):
+    status = ticket.add_parser("status", help="set a status (on_hold and waiting pause the SLA)")
+    status.add_argument("number", type=int)
+    status.add_argument("status", choices=[s.value for s in Status])
+    priority = ticket.add_parser("priority", help="set the priority; due dates follow it")
+    priority.add_argument("number", type=int)
+    priority.add_argument("priority", choices=list(PRIORITIES))
+    for parser in (listing, show, close, status, priority):
         parser.set_defaults(run=cmd_ticket)
 
 

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 import structlog
 
+from gateway.daemon import Daemon
 from gateway.errors import DeskgateError
 from gateway.inbound.smtp import InboundHandler, start_inbound
+from gateway.inbound.imap import ImapPollers
 from gateway.ingest.pipeline import Pipeline
-from gateway.settings import Settings
+from gateway.outbound.service import Outbound
+from gateway.scheduler import Scheduler
+from gateway.settings import Settings, load_settings
 from store.engine import Store
 from store.migrate import pending
 
 log = structlog.get_logger("deskgate.service")
+DRAIN_POLL_S = 0.05
 
 
 class Gateway:
@@ -28,53 +36,132 @@ class Gateway:
         self.pipeline = Pipeline(settings, self.store, clock or (lambda: datetime.now(UTC)))
         self.handler = InboundHandler(self.pipeline)
         self.server: asyncio.Server | None = None
+        # Acknowledgements, bounces, verification and the relay worker (issue 4).
+        self.outbound = Outbound(settings, self.store, self.pipeline.clock)
+        self.outbound.attach(self.pipeline)
+        self.imap = ImapPollers(settings.imap, lambda: self.pipeline, self.store,
+                                self.pipeline.clock)
+        # Escalation, pre-breach warnings, auto-close (issue 8).
+        self.scheduler = Scheduler(settings, self.store, self.pipeline.clock,
+                                   settings.tickets.scheduler_tick_s)
+        self._scheduler_task: asyncio.Task[None] | None = None
 
     @property
     def inbound_port(self) -> int:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    async def start(self, port: int | None = None) -> None:
+    async def start(self, port: int | None = None, reuse_port: bool = False) -> None:
         if await pending(self.store):
             raise DeskgateError("the database schema is not up to date: run `deskgate db upgrade`")
         await self.pipeline.start()
+        await self.outbound.start()
         inbound = self.settings.inbound
         self.server = await start_inbound(
             self.handler, inbound.listen.host, inbound.listen.port if port is None else port,
-            self.settings.hostname, inbound.max_message_bytes)
+            self.settings.hostname, inbound.max_message_bytes, reuse_port)
         log.info("service.ready", inbound=f"{inbound.listen.host}:{self.inbound_port}",
                  database=self.store.engine.dialect.name,
                  departments=[d.slug for d in self.settings.departments])
+        self.imap.start()  # one supervised poller task per [[imap]] mailbox (issue 7)
+        self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
 
-    async def stop(self, drain_timeout_s: float = 30.0) -> None:
-        """Stop listening, let in-flight mails finish (bounded), then close the store."""
+    async def stop(self, drain_timeout_s: float | None = None,
+                   force: asyncio.Event | None = None) -> None:
+        """Refuse new mail (421), let mails in progress finish (bounded), then close the store.
+
+        The listener stays open while draining so a new client hears 421 4.3.2 and retries
+        later instead of a connection refused (STYLE habit 7); `force` cuts the drain short.
+        """
         self.handler.accepting = False
+        await self.imap.stop()  # an import cut short rolls back and is fetched again
+        if self._scheduler_task is not None:  # its changes are claimed per transaction
+            self._scheduler_task.cancel()
+            await asyncio.gather(self._scheduler_task, return_exceptions=True)
+        timeout_s = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        if not await _drain(self.handler, timeout_s, force or asyncio.Event()):
+            log.warning("service.drain_incomplete", inflight=self.handler.inflight,
+                        sessions=len(self.handler.sessions), forced=bool(force and force.is_set()))
         if self.server is not None:
             self.server.close()
-        try:
-            await asyncio.wait_for(self.handler.idle.wait(), drain_timeout_s)
-        except TimeoutError:
-            log.warning("service.drain_timeout", inflight=self.handler.inflight)
-        if self.server is not None:
-            self.server.close()
+        self.handler.hang_up_idle()
+        await self.outbound.stop()
         await self.store.dispose()
         log.info("service.stopped")
 
+    async def reload(self, settings: Settings) -> None:
+        """SIGHUP: swap in a pipeline built from new settings; open sessions carry on.
 
-async def serve(settings: Settings) -> None:
-    gateway = Gateway(settings)
-    stop = asyncio.Event()
+        Sessions read `handler.pipeline` per command, so the swap is one assignment; a mail
+        already in ingest finishes with the pipeline it started with.
+        """
+        settings = _keep_restart_only(self.settings, settings)
+        pipeline = Pipeline(settings, self.store, self.pipeline.clock)
+        # Every part that hooks into the pipeline attaches again, built from the new settings
+        # (copying the old hooks would keep the old departments: KeyError on a new one).
+        self.outbound.settings = settings
+        self.outbound.attach(pipeline)
+        await pipeline.start()  # new departments get their rows before any mail routes to them
+        self.settings, self.pipeline, self.handler.pipeline = settings, pipeline, pipeline
+        self.scheduler.settings = settings
+
+
+async def _drain(handler: InboundHandler, timeout_s: float, force: asyncio.Event) -> bool:
+    """Wait until no session is mid-transaction; False on deadline or force."""
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    deadline = loop.time() + timeout_s
+    while handler.busy:
+        if force.is_set() or loop.time() >= deadline:
+            return False
+        await asyncio.sleep(DRAIN_POLL_S)
+    return True
+
+
+def _keep_restart_only(old: Settings, new: Settings) -> Settings:
+    """Listener and database cannot change under a running process: keep them, say so."""
+    for key, before, after in (("database.url", old.database_url, new.database_url),
+                               ("inbound.listen", old.inbound.listen, new.inbound.listen)):
+        if before != after:
+            log.warning("service.reload_needs_restart", key=key)
+    return replace(new, database_url=old.database_url,
+                   inbound=replace(new.inbound, listen=old.inbound.listen))
+
+
+async def serve(settings: Settings, reuse_port: bool = False) -> None:
+    gateway = Gateway(settings)
+    daemon = Daemon(gateway, lambda: load_settings(Path(settings.source)))
+    daemon.install_signals()  # before start: a SIGTERM during start-up drains, not kills
     try:
-        await gateway.start()
+        await gateway.start(reuse_port=reuse_port)
     except OSError as exc:
         await gateway.store.dispose()
         raise DeskgateError(f"cannot listen on {settings.inbound.listen}: {exc.strerror}") from None
     except BaseException:
         await gateway.store.dispose()
         raise
-    await stop.wait()
-    log.info("service.stopping")
-    await gateway.stop()
+    await daemon.run()
+
+
+async def supervise(config: str, workers: int) -> int:
+    """Run `workers` deskgate processes sharing the inbound port (SO_REUSEPORT).
+
+    Each worker is a whole `deskgate serve --reuse-port`: its own loop, pipeline and store
+    connections. SIGTERM/SIGINT are passed on; when one worker exits, the others are stopped.
+    """
+    command = [sys.executable, "-m", "gateway.cli", "--config", config, "serve", "--reuse-port"]
+    children = [await asyncio.create_subprocess_exec(*command) for _ in range(workers)]
+
+    def stop_all() -> None:
+        for child in children:
+            if child.returncode is None:
+                child.send_signal(signal.SIGTERM)
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_all)
+    log.info("service.workers", workers=workers, pids=[c.pid for c in children])
+    waits = [asyncio.ensure_future(c.wait()) for c in children]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    stop_all()
+    codes = await asyncio.gather(*waits)
+    return max((abs(code) for code in codes), default=0)

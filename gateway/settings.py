@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -13,6 +13,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from email_validator import EmailNotValidError, validate_email
 
 from gateway.errors import ConfigError
+from gateway.settings_rules import KEYS as RULES_KEYS
+from gateway.settings_rules import RulesSettings, parse_rules_settings
+from gateway.tickets.sla_config import KEYS as SLA_KEYS
+from gateway.tickets.sla_config import DepartmentSla, parse_department_sla
+from gateway.settings_imap import ImapSettings, parse_imap
+from gateway.outbound.config import RELAY_KEYS, SECTIONS, OutboundSettings, read_outbound
 
 DEFAULT_CONFIG_PATHS = ("/etc/deskgate/deskgate.toml", "config/deskgate.dev.toml")
 LANGUAGES = ("en", "de", "nl", "zh")
@@ -34,6 +40,7 @@ class DepartmentSettings:
     language: str
     timezone: str
     addresses: tuple[str, ...]
+    sla: DepartmentSla = field(default_factory=DepartmentSla)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +56,7 @@ class TicketSettings:
     tag_format: str  # must contain {number}
     follow_up_window_days: int
     reply_token_secret: bytes
+    scheduler_tick_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,11 @@ class Settings:
     relay: Listen  # where outbound mail goes (outbound issue)
     submission: Listen  # agents' authenticated submission (agents issue)
     web: Listen  # rating and verification links (web issue)
+    imap: tuple[ImapSettings, ...] = ()  # mailboxes read over IMAP (issue 7)
+    # SIGTERM: how long in-flight mails may take before the daemon stops anyway (issue 9)
+    drain_timeout_s: float = 30.0
+    outbound: OutboundSettings = OutboundSettings()  # relay options, outbox, acks, DKIM (issue 4)
+    rules: RulesSettings = RulesSettings()  # routing rules, ticket fields, accounts (issue 13)
 
     def department_of(self, address: str) -> DepartmentSettings | None:
         address = address.lower()
@@ -153,7 +166,7 @@ def _address(r: _Reader, value: Any, dotted: str) -> str | None:
 
 def _department(r: _Reader, table: dict[str, Any], index: int) -> DepartmentSettings:
     prefix = f"departments[{index}]"
-    r.unknown(table, {"name", "slug", "language", "timezone", "addresses"}, prefix)
+    r.unknown(table, {"name", "slug", "language", "timezone", "addresses"} | SLA_KEYS, prefix)
     name = r.get(table, "name", prefix, str, _REQUIRED) or f"#{index}"
     slug = r.get(table, "slug", prefix, str, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
     language = r.get(table, "language", prefix, str, "en")
@@ -170,7 +183,8 @@ def _department(r: _Reader, table: dict[str, Any], index: int) -> DepartmentSett
     )
     if not raw_addresses:
         r.fail(f"{prefix}.addresses", "must list at least one address")
-    return DepartmentSettings(name, slug, language, timezone, addresses)
+    sla = parse_department_sla(table, prefix, timezone if timezone else "UTC", r.fail)
+    return DepartmentSettings(name, slug, language, timezone, addresses, sla)
 
 
 def _secret(r: _Reader, tickets: dict[str, Any]) -> bytes:
@@ -209,10 +223,14 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
         raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
     r = _Reader(text, source)
     known = {"hostname", "log_level", "database", "inbound", "tickets", "departments", "relay",
-             "submission", "web"}
+             "imap",
+             "submission", "web", "drain_timeout_s"} | SECTIONS | RULES_KEYS
     r.unknown(data, known, "")
     hostname = r.get(data, "hostname", "", str, "deskgate.localdomain")
     log_level = r.get(data, "log_level", "", str, "info")
+    drain_timeout_s = r.get(data, "drain_timeout_s", "", int, 30)
+    if not 0 < drain_timeout_s <= 600:
+        r.fail("drain_timeout_s", f"must be between 1 and 600 seconds, not {drain_timeout_s}")
     if log_level not in ("debug", "info", "warning", "error"):
         r.fail("log_level", f"must be debug, info, warning or error, not {log_level!r}")
     database = _section(r, data, "database", {"url"})
@@ -228,7 +246,7 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
         trusted_authserv_ids=tuple(r.get(inbound, "trusted_authserv_ids", "inbound", list, [])),
     )
     tickets = _section(r, data, "tickets", {"tag_format", "follow_up_window_days", "secret",
-                                            "secret_file"})
+                                            "secret_file", "scheduler_tick_s"})
     tag_format = r.get(tickets, "tag_format", "tickets", str, "[#{number}]")
     if "{number}" not in tag_format:
         r.fail("tickets.tag_format", "must contain {number}")
@@ -236,20 +254,26 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
         tag_format=tag_format,
         follow_up_window_days=r.get(tickets, "follow_up_window_days", "tickets", int, 14),
         reply_token_secret=_secret(r, tickets),
+        scheduler_tick_s=r.get(tickets, "scheduler_tick_s", "tickets", int, 30),
     )
     tables = r.get(data, "departments", "", list, [])
     departments = [_department(r, t, i) for i, t in enumerate(tables) if isinstance(t, dict)]
     _check_departments(r, departments)
+    imap = parse_imap(r, data, departments)
     listens = {
-        name: _listen(r, _section(r, data, name, {"listen"}), name, default)
+        name: _listen(r, _section(r, data, name, RELAY_KEYS if name == "relay" else {"listen"}),
+                      name, default)
         for name, default in (("relay", "127.0.0.1:2526"), ("submission", "127.0.0.1:2587"),
                               ("web", "127.0.0.1:8080"))
     }
+    outbound = read_outbound(r, data)
+    rules = parse_rules_settings(r, data, frozenset(d.slug for d in departments))
     if r.problems:
         raise ConfigError(r.problems)
-    return Settings(source=source, hostname=hostname, database_url=url, log_level=log_level,
+    return Settings(imap=imap, outbound=outbound, rules=rules, source=source, hostname=hostname, database_url=url, log_level=log_level,
                     inbound=inbound_settings, tickets=ticket_settings,
-                    departments=tuple(departments), **listens)
+                    departments=tuple(departments), drain_timeout_s=float(drain_timeout_s),
+                    **listens)
 
 
 def find_config(explicit: str | None) -> Path:

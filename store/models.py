@@ -77,10 +77,18 @@ class Address(Base):
 
 
 class Account(Base):
+    """A company: its contacts share a mail domain (or were put here by the CLI)."""
+
     __tablename__ = "accounts"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    domains: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime]
+
+
+class AccountDomain(Base):
+    __tablename__ = "account_domains"
+    domain: Mapped[str] = mapped_column(String(255), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
 
 
 class Contact(Base):
@@ -124,12 +132,18 @@ class Ticket(Base):
     language: Mapped[str | None] = mapped_column(String(8))
     follow_up_of_id: Mapped[int | None] = mapped_column(ForeignKey("tickets.id"))
     tags: Mapped[list[Any]] = mapped_column(default=list)
+    category: Mapped[str | None] = mapped_column(String(200))
+    subcategory: Mapped[str | None] = mapped_column(String(200))
+    product: Mapped[str | None] = mapped_column(String(200))
+    custom_fields: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     first_response_due_at: Mapped[datetime | None]
     due_at: Mapped[datetime | None]
     first_response_at: Mapped[datetime | None]
     closed_at: Mapped[datetime | None]
+    sla_paused_at: Mapped[datetime | None]  # entered On Hold / Waiting on customer
+    sla_warned_at: Mapped[datetime | None]  # the warning before a breach went out
 
 
 class Raw(Base):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.errors import NotFound
@@ -16,14 +16,26 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
-def _ticket_summary(ticket: Ticket, department: str, contact: str, count: int) -> dict[str, Any]:
+OPEN_STATUSES = ("open", "escalated")  # the SLA clock runs only while the ticket is open
+
+
+def overdue(now: datetime) -> Any:
+    """Open and past a due date: resolution, or first response not yet given."""
+    return and_(Ticket.status.in_(OPEN_STATUSES), or_(
+        Ticket.due_at < now,
+        and_(Ticket.first_response_at.is_(None), Ticket.first_response_due_at < now)))
+
+
+def ticket_summary(ticket: Ticket, department: str, contact: str, count: int) -> dict[str, Any]:
     return {"number": ticket.number, "subject": ticket.subject, "status": ticket.status,
             "priority": ticket.priority, "department": department, "contact": contact,
             "messages": count, "created_at": _iso(ticket.created_at),
+            "first_response_due_at": _iso(ticket.first_response_due_at),
+            "due_at": _iso(ticket.due_at), "first_response_at": _iso(ticket.first_response_at),
             "updated_at": _iso(ticket.updated_at), "closed_at": _iso(ticket.closed_at)}
 
 
-def _summary_query() -> Any:
+def summary_query() -> Any:
     count = (select(func.count(Message.id)).where(Message.ticket_id == Ticket.id)
              .correlate(Ticket).scalar_subquery())
     return (select(Ticket, Department.slug, Contact.email, count)
@@ -32,13 +44,19 @@ def _summary_query() -> Any:
 
 
 async def list_tickets(session: AsyncSession, status: str | None = None,
-                       department: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
-    query = _summary_query().order_by(Ticket.number.desc()).limit(limit)
+                       department: str | None = None, limit: int = 200,
+                       overdue_at: datetime | None = None,
+                       fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    query = summary_query().order_by(Ticket.number.desc()).limit(limit)
+    for name, value in (fields or {}).items():
+        query = query.where(Ticket.custom_fields[name].as_string() == value)
+    if overdue_at is not None:
+        query = query.where(overdue(overdue_at))
     if status:
         query = query.where(Ticket.status == status)
     if department:
         query = query.where(Department.slug == department)
-    return [_ticket_summary(*row) for row in await session.execute(query)]
+    return [ticket_summary(*row) for row in await session.execute(query)]
 
 
 async def _ticket_row(session: AsyncSession, number: int) -> Ticket:
@@ -53,17 +71,20 @@ def _message(message: Message, attachments: list[Attachment]) -> dict[str, Any]:
             "from_name": message.from_name, "to": message.to, "cc": message.cc,
             "subject": message.subject, "date": _iso(message.date),
             "received_at": _iso(message.received_at), "message_id": message.message_id,
-            "text": message.text, "rules": message.rule_hits, "raw_sha256": message.raw_sha256,
+            "text": message.text, "visible_text": message.visible_text,
+            "html_safe": message.html_safe, "language": message.language,
+            "rules": message.rule_hits, "raw_sha256": message.raw_sha256,
             "attachments": [{"filename": a.filename, "content_type": a.content_type,
                              "size": a.size, "sha256": a.sha256, "inline": a.inline,
+                             "content_id": a.content_id,
                              "kept": a.content is not None, "not_kept_reason": a.not_kept_reason}
                             for a in attachments]}
 
 
 async def ticket_detail(session: AsyncSession, number: int) -> dict[str, Any]:
     ticket = await _ticket_row(session, number)
-    row = (await session.execute(_summary_query().where(Ticket.id == ticket.id))).one()
-    detail = _ticket_summary(*row)
+    row = (await session.execute(summary_query().where(Ticket.id == ticket.id))).one()
+    detail = ticket_summary(*row)
     messages = list(await session.scalars(select(Message).where(Message.ticket_id == ticket.id)
                                           .order_by(Message.received_at, Message.id)))
     attachments: dict[int, list[Attachment]] = {}
@@ -76,6 +97,8 @@ async def ticket_detail(session: AsyncSession, number: int) -> dict[str, Any]:
     if ticket.follow_up_of_id:
         follow_up_of = await session.scalar(select(Ticket.number).where(
             Ticket.id == ticket.follow_up_of_id))
+    detail.update(category=ticket.category, subcategory=ticket.subcategory,
+                  product=ticket.product, tags=ticket.tags, fields=ticket.custom_fields)
     detail.update(reply_to=ticket.reply_to, follow_up_of=follow_up_of,
                   thread=[_message(m, attachments.get(m.id, [])) for m in messages],
                   events=[{"type": e.type, "at": _iso(e.at), "data": e.data} for e in events])
@@ -86,10 +109,10 @@ async def contact_detail(session: AsyncSession, email: str) -> dict[str, Any]:
     contact = await session.scalar(select(Contact).where(Contact.email == email.lower()))
     if contact is None:
         raise NotFound(f"there is no contact {email}")
-    rows = await session.execute(_summary_query().where(Ticket.contact_id == contact.id)
+    rows = await session.execute(summary_query().where(Ticket.contact_id == contact.id)
                                  .order_by(Ticket.created_at.desc()))
     return {"email": contact.email, "name": contact.name, "created_at": _iso(contact.created_at),
-            "tickets": [_ticket_summary(*row) for row in rows]}
+            "tickets": [ticket_summary(*row) for row in rows]}
 
 
 def _quarantine(entry: Quarantine) -> dict[str, Any]:
@@ -116,3 +139,34 @@ async def quarantine_entry(session: AsyncSession, entry_id: int) -> Quarantine:
 
 def quarantine_view(entry: Quarantine) -> dict[str, Any]:
     return _quarantine(entry)
+
+
+async def sla_report(session: AsyncSession, since: datetime, now: datetime
+                     ) -> list[dict[str, Any]]:
+    """Share of tickets meeting first-response and resolution targets, per department and
+    priority, for tickets created since `since`."""
+    from gateway.tickets.sla import target_outcome
+
+    rows = await session.execute(
+        select(Department.slug, Ticket.priority, Ticket.first_response_at,
+               Ticket.first_response_due_at, Ticket.closed_at, Ticket.due_at)
+        .join(Department, Department.id == Ticket.department_id)
+        .where(Ticket.created_at >= since))
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for slug, priority, responded, response_due, closed, due in rows:
+        group = groups.setdefault((slug, priority), {
+            "department": slug, "priority": priority, "tickets": 0,
+            "first_response": {"met": 0, "breached": 0, "pending": 0},
+            "resolution": {"met": 0, "breached": 0, "pending": 0}})
+        group["tickets"] += 1
+        for target, done, due_at in (("first_response", responded, response_due),
+                                     ("resolution", closed, due)):
+            outcome = target_outcome(done, due_at, now)
+            if outcome:
+                group[target][outcome] += 1
+    for group in groups.values():
+        for target in ("first_response", "resolution"):
+            decided = group[target]["met"] + group[target]["breached"]
+            group[target]["met_share"] = round(group[target]["met"] / decided, 3) \
+                if decided else None
+    return [groups[key] for key in sorted(groups)]

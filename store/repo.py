@@ -13,7 +13,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.ingest.identify import TicketRef
 from store.models import (
+    Account,
+    AccountDomain,
     Address,
+    Agent,
     Attachment,
     Contact,
     Department,
@@ -97,9 +100,10 @@ async def is_participant(session: AsyncSession, ticket_id: int, email: str) -> b
     return found is not None
 
 
-async def upsert_contact(session: AsyncSession, email: str, name: str, now: datetime) -> int:
-    await session.execute(_insert_ignore(session, Contact).values(email=email, name=name,
-                                                                   created_at=now))
+async def upsert_contact(session: AsyncSession, email: str, name: str, now: datetime,
+                         account_id: int | None = None) -> int:
+    await session.execute(_insert_ignore(session, Contact).values(
+        email=email, name=name, created_at=now, account_id=account_id))
     contact_id = await session.scalar(select(Contact.id).where(Contact.email == email))
     assert contact_id is not None
     if name:
@@ -155,3 +159,33 @@ async def department_id(session: AsyncSession, slug: str) -> int:
     if found is None:
         raise LookupError(f"department {slug!r} is not in the database (run deskgate db upgrade)")
     return found
+
+
+async def account_for_domain(session: AsyncSession, domain: str) -> tuple[int, str] | None:
+    row = (await session.execute(select(Account.id, Account.name).join(
+        AccountDomain, AccountDomain.account_id == Account.id).where(
+        AccountDomain.domain == domain))).first()
+    return (row[0], row[1]) if row else None
+
+
+async def ensure_account(session: AsyncSession, name: str, domains: Iterable[str],
+                         now: datetime) -> int:
+    """The account of that name (made if new) owning these domains; insert-or-ignore so
+    instances creating the same company at once agree."""
+    await session.execute(_insert_ignore(session, Account).values(name=name, created_at=now))
+    account_id = await session.scalar(select(Account.id).where(Account.name == name))
+    assert account_id is not None
+    for domain in domains:
+        await session.execute(_insert_ignore(session, AccountDomain).values(
+            domain=domain, account_id=account_id))
+    return account_id
+
+
+async def link_contacts_to_account(session: AsyncSession, account_id: int, domain: str) -> None:
+    await session.execute(update(Contact).where(Contact.email.like(f"%@{domain}"))
+                          .values(account_id=account_id))
+
+
+async def agent_id(session: AsyncSession, email: str) -> int | None:
+    return await session.scalar(select(Agent.id).where(Agent.email == email.lower(),
+                                                       Agent.active.is_(True)))

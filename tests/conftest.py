@@ -111,7 +111,7 @@ def pg_database() -> Iterator[str]:
 
 
 TABLES = ("imap_mailboxes", "events", "attachments", "ratings", "outbox", "messages", "quarantine", "raws",
-          "tickets", "agent_departments", "agents", "contacts", "accounts", "addresses",
+          "tickets", "agent_departments", "agents", "contacts", "account_domains", "accounts", "addresses",
           "departments")
 
 

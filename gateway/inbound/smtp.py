@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
@@ -35,10 +37,42 @@ _LIBRARY_REPLIES = {
 class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with our wording for the replies it makes on its own."""
 
+    def __dir__(self) -> Iterable[str]:
+        # aiosmtpd's __init__ finds its smtp_*/auth_* methods and the handler's handle_*
+        # hooks by scanning dir() of both, with inspect.getmembers, on every connection:
+        # most of a session's set-up cost (bench/README.md). The names are fixed per class.
+        return _protocol_names(type(self))
+
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             status = _LIBRARY_REPLIES.get(status, status)
         await super().push(status)
+        if isinstance(status, str) and status.startswith("421") and self.transport is not None:
+            self.transport.close()  # RFC 5321 3.8: after 421 the server closes the channel
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if isinstance(self.event_handler, InboundHandler):  # the drain needs to see sessions
+            self.event_handler.sessions.add(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if isinstance(self.event_handler, InboundHandler):
+            self.event_handler.sessions.discard(self)
+        super().connection_lost(error)
+
+    @property
+    def in_transaction(self) -> bool:
+        """Between an accepted MAIL and the answer to its DATA (aiosmtpd resets the envelope)."""
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+
+class ShutdownRefuser(asyncio.Protocol):
+    """Answers a connection made while draining with 421 and hangs up (RFC 5321 3.8)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(R421_SHUTTING_DOWN.encode() + b"\r\n")
+        transport.close()
 
 
 class InboundHandler:
@@ -48,6 +82,22 @@ class InboundHandler:
         self.inflight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        self.sessions: set[GatewaySMTP] = set()
+
+    @property
+    def busy(self) -> bool:
+        """Some session is mid-transaction: its mail must be answered before we stop."""
+        return bool(self.inflight) or any(s.in_transaction for s in self.sessions)
+
+    def hang_up_idle(self) -> None:
+        """After the drain: tell sessions still connected that we are going (421) and close."""
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.write(R421_SHUTTING_DOWN.encode() + b"\r\n")
+                session.transport.close()
+
+    def __dir__(self) -> Iterable[str]:
+        return _protocol_names(type(self))  # see GatewaySMTP.__dir__
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: SMTPEnvelope,
                           address: str, mail_options: list[str]) -> str:
@@ -99,19 +149,31 @@ class InboundHandler:
         return R451_TEMPORARY
 
 
+@functools.cache
+def _protocol_names(cls: type) -> tuple[str, ...]:
+    """What aiosmtpd looks for in dir(): its commands, AUTH mechanisms and handler hooks."""
+    return tuple(name for name in dir(cls) if name.startswith(("smtp_", "auth_", "handle_")))
+
+
 def _peer(session: Session) -> str:
     peer = session.peer
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
 async def start_inbound(handler: InboundHandler, host: str, port: int, hostname: str,
-                        max_message_bytes: int) -> asyncio.Server:
+                        max_message_bytes: int, reuse_port: bool = False) -> asyncio.Server:
     loop = asyncio.get_running_loop()
 
-    def factory() -> GatewaySMTP:
+    def factory() -> asyncio.Protocol:
+        if not handler.accepting:  # draining for shutdown: new clients get 421 4.3.2
+            return ShutdownRefuser()
         # hostname= given: aiosmtpd would otherwise call socket.getfqdn() per connection.
+        # The size limit is read per connection: SIGHUP may have changed it (issue 9).
+        limit = handler.pipeline.settings.inbound.max_message_bytes or max_message_bytes
         return GatewaySMTP(handler, hostname=hostname, ident="deskgate ESMTP",
-                           data_size_limit=max_message_bytes, enable_SMTPUTF8=True,
+                           data_size_limit=limit, enable_SMTPUTF8=True,
                            decode_data=False, loop=loop)
 
-    return await loop.create_server(factory, host=host, port=port, reuse_address=True)
+    # reuse_port: several worker processes bind the same port; the kernel spreads connections.
+    return await loop.create_server(factory, host=host, port=port, reuse_address=True,
+                                    reuse_port=reuse_port or None)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 _TOKEN = re.compile(r"^t(\d{1,12})-([a-z2-7]{10})$")
+_BOUNCE_TOKEN = re.compile(r"^o(\d{1,15})-([a-z2-7]{10})$")
+BOUNCE_LOCAL = "bounces"  # VERP envelope sender: bounces+<token>@domain names an outbox row
 
 
 class RouteKind(StrEnum):
@@ -18,6 +20,7 @@ class RouteKind(StrEnum):
     REPLY = "reply"  # support+<token>@…: names a ticket, HMAC-protected
     UNKNOWN = "unknown"  # our domain, no such address: 550 5.1.1
     RELAY = "relay"  # someone else's domain: 554 5.7.1
+    BOUNCE = "bounce"  # bounces+<token>@…: a DSN for one of our outbox rows (VERP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +29,11 @@ class Route:
     address: str  # lower-cased recipient as given
     department: str | None = None  # slug
     ticket_number: int | None = None
+    outbox_id: int | None = None
 
     @property
     def accepted(self) -> bool:
-        return self.kind in (RouteKind.DEPARTMENT, RouteKind.REPLY)
+        return self.kind in (RouteKind.DEPARTMENT, RouteKind.REPLY, RouteKind.BOUNCE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +51,8 @@ class Directory:
         return cls(addresses, frozenset(a.rsplit("@", 1)[1] for a in addresses), secret)
 
 
-def _mac(secret: bytes, number: int) -> str:
-    digest = hmac.new(secret, f"reply:{number}".encode(), hashlib.sha256).digest()
+def _mac(secret: bytes, number: int, purpose: str = "reply") -> str:
+    digest = hmac.new(secret, f"{purpose}:{number}".encode(), hashlib.sha256).digest()
     return base64.b32encode(digest).decode("ascii")[:10].lower()
 
 
@@ -70,6 +74,18 @@ def parse_reply_token(token: str, secret: bytes) -> int | None:
     return number if hmac.compare_digest(match.group(2), _mac(secret, number)) else None
 
 
+def bounce_address(domain: str, outbox_id: int, secret: bytes) -> str:
+    return f"{BOUNCE_LOCAL}+o{outbox_id}-{_mac(secret, outbox_id, 'bounce')}@{domain}"
+
+
+def parse_bounce_token(token: str, secret: bytes) -> int | None:
+    match = _BOUNCE_TOKEN.match(token.lower())
+    if not match:
+        return None
+    row = int(match.group(1))
+    return row if hmac.compare_digest(match.group(2), _mac(secret, row, "bounce")) else None
+
+
 def route_recipient(recipient: str, directory: Directory) -> Route:
     address = recipient.strip().strip("<>").lower()
     local, at, domain = address.rpartition("@")
@@ -80,6 +96,8 @@ def route_recipient(recipient: str, directory: Directory) -> Route:
     if domain not in directory.domains:
         return Route(RouteKind.RELAY, address)
     base_local, plus, detail = local.partition("+")
+    if base_local == BOUNCE_LOCAL and (row := parse_bounce_token(detail, directory.secret)):
+        return Route(RouteKind.BOUNCE, address, outbox_id=row)
     department = directory.addresses.get(f"{base_local}@{domain}")
     if not plus or department is None:
         return Route(RouteKind.UNKNOWN, address)

@@ -17,6 +17,7 @@ from email.utils import getaddresses, parsedate_to_datetime
 from functools import lru_cache
 from io import BytesIO
 
+from gateway.ingest.charsets import guess_decode
 from gateway.ingest.model import AttachmentPart, ParsedMail
 
 # compat32 keeps header values as the raw strings we decode ourselves; policy.default parses
@@ -109,6 +110,10 @@ def decode_bytes(data: bytes, charset: str | None) -> str:
         return data.decode("utf-8")
     except UnicodeError:
         pass
+    if charset:  # a declared charset that does not decode: ask a detector before replacing
+        guessed = guess_decode(data)
+        if guessed is not None:
+            return guessed
     fallback = codec or ("latin-1" if charset else "cp1252")
     try:
         return data.decode(fallback, "replace")

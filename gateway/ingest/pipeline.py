@@ -25,9 +25,19 @@ from gateway.ingest.identify import (
 )
 from gateway.ingest.model import Classification, Envelope, ParsedMail
 from gateway.ingest.parse import parse
+from gateway.ingest.readable import (
+    DEFAULT_CID_URL,
+    Readable,
+    readable_or_plain,
+    stored_attachments,
+)
+from gateway.ingest.routing_rules import MailFacts, TicketPlan, evaluate, language_of, plan_ticket
+from gateway.ingest.routing_rules import Outcome as RuleOutcome
 from gateway.ingest.rules import classify
 from gateway.settings import Settings
+from gateway.tickets.actions import apply_status
 from gateway.tickets.lifecycle import Action, Decision, decide
+from gateway.tickets.sla import due_dates, is_open
 from store import repo
 from store.engine import Store
 from store.models import Message, Quarantine, Ticket
@@ -85,6 +95,11 @@ class _Context:
     sender: str | None
     fingerprint: str
     authenticated: bool | None
+    rules: RuleOutcome | None = None  # the operator's rules, for new tickets
+    plan: TicketPlan | None = None  # what the new ticket became
+    # Readable view: CPU-heavy (quote parsing, language guess), so made before the
+    # transaction, outside SQLite's write lock (measured: bench/README.md).
+    view: Readable | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +118,30 @@ class StoredMail:
     envelope: Envelope
     classification: Classification
     now: datetime
+    suppress_ack: bool = False  # a rule said: no acknowledgement for this one
 
 
 # Runs inside the ingest transaction: what it writes commits, or rolls back, with the mail
 # (DESIGN 3: an outbox row is written in the same transaction as its cause).
 AfterStore = Callable[[AsyncSession, StoredMail], Awaitable[list[tuple[str, dict[str, Any]]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """What an intercept hook sees of a mail before threading (inside the transaction)."""
+
+    raw: bytes
+    sha256: str
+    mail: ParsedMail
+    envelope: Envelope
+    routes: tuple[Route, ...]
+    classification: Classification
+    now: datetime
+
+
+# Mail meant for deskgate itself (a DSN to a VERP address, an address verification): a hook
+# that answers a Verdict consumes it, so it never opens, reopens or threads into a ticket.
+Intercept = Callable[[AsyncSession, Incoming], Awaitable[Verdict | None]]
 
 
 class Pipeline:
@@ -125,6 +159,8 @@ class Pipeline:
         self.departments = {d.slug: d for d in settings.departments}
         self.department_ids: dict[str, int] = {}
         self.after_store: list[AfterStore] = []
+        self.cid_url = DEFAULT_CID_URL  # where html_safe points cid: images (issue 12)
+        self.intercepts: list[Intercept] = []
 
     async def start(self) -> None:
         async with self.store.transaction() as session:
@@ -145,7 +181,10 @@ class Pipeline:
         if mail is None or mail.fatal:
             return await self._quarantine(raw, sha, envelope, failure or str(mail and mail.fatal),
                                           bound)
-        ctx = self._context(raw, sha, envelope, mail, routes)
+        if len(raw) > PARSE_IN_THREAD_BYTES:
+            ctx = await asyncio.to_thread(self._context, raw, sha, envelope, mail, routes)
+        else:
+            ctx = self._context(raw, sha, envelope, mail, routes)
         bound = bound.bind(message_id=mail.message_id, department=routes[0].department,
                            rules=[h.rule for h in ctx.classification.hits])
         for attempt in range(3):
@@ -171,6 +210,7 @@ class Pipeline:
             classification=classify(mail, envelope, self.own_addresses), sender=sender,
             fingerprint=fingerprint(mail),
             authenticated=sender_authenticated(mail, self.settings.inbound.trusted_authserv_ids),
+            view=readable_or_plain(mail, self.cid_url),
         )
 
     async def _store(self, ctx: _Context, bound: Any) -> Verdict:
@@ -179,20 +219,114 @@ class Pipeline:
             if duplicate is not None:
                 bound.info("ingest.duplicate", ticket=duplicate[1])
                 return Verdict(Outcome.DUPLICATE, duplicate[1], "already stored")
-            threading = await self._thread(session, ctx)
-            now = self.clock()
-            decision = decide(threading, ctx.classification.kind, now, self.follow_up_window)
-            if decision.action is Action.QUARANTINE or ctx.sender is None and \
-                    decision.action is not Action.APPEND:
-                reason = decision.reason or "no usable sender address"
+            incoming = Incoming(ctx.raw, ctx.sha256, ctx.mail, ctx.envelope, tuple(ctx.routes),
+                                ctx.classification, self.clock())
+            for intercept in self.intercepts:
+                if (consumed := await intercept(session, incoming)) is not None:
+                    bound.info("ingest.consumed", ticket=consumed.ticket_number,
+                               reason=consumed.reason)
+                    return consumed
+            threading, decision, now = await self._decide(session, ctx)
+            if decision.action is Action.QUARANTINE:
                 verdict = await self._quarantine_in(session, ctx.raw, ctx.sha256, ctx.envelope,
-                                                    reason, now)
+                                                    decision.reason, now)
             else:
                 verdict = await self._apply(session, ctx, threading, decision, now)
         bound.info("ingest.stored", outcome=verdict.outcome.value, ticket=verdict.ticket_number,
                    thread=threading.step, kind=ctx.classification.kind.value,
                    reason=verdict.reason or None)
         return verdict
+
+    async def _decide(self, session: AsyncSession, ctx: _Context
+                      ) -> tuple[ThreadDecision, Decision, datetime]:
+        """Threading, lifecycle and the operator's rules: shared by ingest and dry_run."""
+        threading = await self._thread(session, ctx)
+        now = self.clock()
+        decision = decide(threading, ctx.classification.kind, now, self.follow_up_window)
+        ctx.rules = await self._rules(session, ctx, decision, now)
+        if decision.action is Action.APPEND:
+            return threading, decision, now
+        if ctx.rules and ctx.rules.effects.quarantine:
+            reason = f"quarantined by rule {', '.join(ctx.rules.fired)}"
+            return threading, Decision(Action.QUARANTINE, reason=reason), now
+        if ctx.sender is None and decision.action is not Action.QUARANTINE:
+            return threading, Decision(Action.QUARANTINE, reason="no usable sender address"), now
+        return threading, decision, now
+
+    async def dry_run(self, raw: bytes, envelope: Envelope) -> dict[str, Any]:
+        """What ingest would do with this mail, computed the same way; nothing is written."""
+        routes = [r for r in map(self.route, envelope.rcpt_tos) if r.accepted]
+        if not routes:
+            return {"outcome": Outcome.REJECTED.value, "reason": "no recipient is ours"}
+        mail, sha, failure = _parse_and_hash(raw)
+        if mail is None or mail.fatal:
+            return {"outcome": Outcome.QUARANTINED.value, "reason": failure or mail and mail.fatal}
+        ctx = self._context(raw, sha, envelope, mail, routes)
+        async with self.store.sessions() as session:  # rolled back on close
+            if await repo.find_by_fingerprint(session, ctx.fingerprint) is not None:
+                return {"outcome": Outcome.DUPLICATE.value, "reason": "already stored"}
+            threading, decision, _ = await self._decide(session, ctx)
+        result: dict[str, Any] = {
+            "outcome": "quarantined" if decision.action is Action.QUARANTINE else "stored",
+            "action": decision.action.value, "reason": decision.reason or threading.detail,
+            "kind": ctx.classification.kind.value, "sender": ctx.sender,
+            "classification": [h.rule for h in ctx.classification.hits],
+            "rules_fired": list(ctx.rules.fired) if ctx.rules else [],
+            "rule_errors": [list(e) for e in ctx.rules.errors] if ctx.rules else [],
+            "ticket": decision.ticket.number if decision.ticket else None}
+        if decision.action in (Action.CREATE, Action.FOLLOW_UP):
+            plan = self.plan(ctx.rules, routes[0].department or "", ctx.sender, mail.subject)
+            result["new_ticket"] = {
+                "department": plan.department, "priority": plan.priority,
+                "category": plan.category, "subcategory": plan.subcategory,
+                "product": plan.product, "tags": list(plan.tags), "owner": plan.owner,
+                "fields": plan.fields, "acknowledged": not (plan.suppress_ack or
+                                                            ctx.classification.automated)}
+        return result
+
+    async def _rules(self, session: AsyncSession, ctx: _Context, decision: Decision,
+                     now: datetime) -> RuleOutcome | None:
+        """The operator's rules for a new ticket (and every message when configured)."""
+        config = self.settings.rules
+        appending = decision.action is Action.APPEND
+        if not config.rules or appending and not config.on_every_message:
+            return None
+        if appending and decision.ticket is not None:
+            department = decision.ticket.department
+        else:
+            department = ctx.routes[0].department or ""
+        outcome = evaluate(config.rules, self.facts(ctx.mail, ctx.envelope, ctx.sender,
+                                                    department, ctx.authenticated, now,
+                                                    await self._account_name(session, ctx.sender)))
+        for rule, error in outcome.errors:  # a bad rule is skipped; the mail goes on
+            log.warning("rules.error", rule=rule, error=error, message_id=ctx.mail.message_id)
+        return outcome
+
+    def facts(self, mail: ParsedMail, envelope: Envelope, sender: str | None, department: str,
+              authenticated: bool | None, now: datetime, account: str | None) -> MailFacts:
+        return MailFacts(
+            sender=sender, recipients=envelope.rcpt_tos, subject=mail.subject,
+            body=mail.text[:65536], department=department, language=language_of(mail.headers),
+            has_attachment=any(not a.inline for a in mail.attachments),
+            auth={True: "pass", False: "fail", None: "none"}[authenticated],
+            in_business_hours=is_open(now, self.departments[department].sla.hours),
+            account=account)
+
+    async def _account_name(self, session: AsyncSession, sender: str | None) -> str | None:
+        """The sender's company: a known account of its domain, else the domain itself
+        unless it is a free-mail provider (then the contact belongs to no account)."""
+        domain = sender.rsplit("@", 1)[-1] if sender else ""
+        if not domain:
+            return None
+        found = await repo.account_for_domain(session, domain)
+        if found is not None:
+            return found[1]
+        return None if domain in self.settings.rules.free_mail_domains else domain
+
+    def plan(self, rules: RuleOutcome | None, routed_department: str, sender: str | None,
+             subject: str) -> TicketPlan:
+        return plan_ticket(rules, routed_department,
+                           lambda slug: self.departments[slug].sla.priority_for(sender, subject))
 
     async def _thread(self, session: AsyncSession, ctx: _Context) -> ThreadDecision:
         mail = ctx.mail
@@ -217,8 +351,11 @@ class Pipeline:
         events: list[tuple[str, dict[str, Any]]] = list(decision.events)
         if decision.action is Action.APPEND and decision.ticket is not None:
             ticket_id, number = decision.ticket.id, decision.ticket.number
-            if decision.new_status is not None:
-                await repo.set_ticket_status(session, ticket_id, decision.new_status.value, now)
+            if decision.new_status is not None:  # reopened: the SLA clock runs again
+                ticket = await session.get(Ticket, ticket_id)
+                assert ticket is not None
+                await apply_status(session, ticket, decision.new_status, now,
+                                   self.departments[decision.ticket.department])
             else:
                 await repo.touch_ticket(session, ticket_id, now)
         else:
@@ -238,10 +375,13 @@ class Pipeline:
             created=decision.action is not Action.APPEND,
             reopened=any(kind == "reopened" for kind, _ in decision.events),
             department=decision.ticket.department if decision.action is Action.APPEND and
-            decision.ticket else (ctx.routes[0].department or ""),
+            decision.ticket else (ctx.plan.department if ctx.plan else ""),
             contact=ctx.sender,
             reply_to=next(filter(None, map(normalize_address, ctx.mail.reply_to)), ctx.sender),
-            mail=ctx.mail, envelope=ctx.envelope, classification=ctx.classification, now=now)
+            mail=ctx.mail, envelope=ctx.envelope, classification=ctx.classification, now=now,
+            suppress_ack=bool(ctx.plan and ctx.plan.suppress_ack))
+        if ctx.rules and ctx.rules.fired:
+            events.append(("rules_fired", {"rules": list(ctx.rules.fired)}))
         for hook in self.after_store:
             events.extend(await hook(session, stored))
         await repo.add_events(session, ticket_id, now, events)
@@ -251,29 +391,46 @@ class Pipeline:
     async def _create_ticket(self, session: AsyncSession, ctx: _Context, now: datetime,
                              decision: Decision) -> Ticket:
         assert ctx.sender is not None
-        # A mail to several of our addresses makes one ticket, in the first one's department.
-        department = self.departments[ctx.routes[0].department or ""]
+        # A mail to several of our addresses makes one ticket, in the first one's department;
+        # the operator's rules may send it elsewhere and set its fields.
+        plan = ctx.plan = self.plan(ctx.rules, ctx.routes[0].department or "", ctx.sender,
+                                    ctx.mail.subject)
+        department = self.departments[plan.department]
         slug = department.slug
-        contact_id = await repo.upsert_contact(session, ctx.sender, ctx.mail.from_name[:200], now)
+        contact_id = await repo.upsert_contact(session, ctx.sender, ctx.mail.from_name[:200], now,
+                                               await self._account_id(session, ctx.sender, now))
         reply_to = next(filter(None, map(normalize_address, ctx.mail.reply_to)), None)
+        due = due_dates(now, department.sla.targets.get(plan.priority), department.sla.hours)
         return await repo.add(session, Ticket(
             number=await repo.next_ticket_number(session),
             department_id=self.department_ids.get(slug) or await repo.department_id(session, slug),
             contact_id=contact_id, subject=ctx.mail.subject[:2000] or "(no subject)",
-            status=(decision.new_status or "open"), priority="none", channel="email",
+            status=(decision.new_status or "open"), priority=plan.priority, channel="email",
             reply_to=reply_to, language=department.language,
-            follow_up_of_id=decision.ticket.id if decision.ticket else None, tags=[],
-            created_at=now, updated_at=now))
+            follow_up_of_id=decision.ticket.id if decision.ticket else None,
+            tags=list(plan.tags), category=plan.category, subcategory=plan.subcategory,
+            product=plan.product, custom_fields=plan.fields,
+            owner_id=await repo.agent_id(session, plan.owner) if plan.owner else None,
+            created_at=now, updated_at=now, first_response_due_at=due.first_response_due_at,
+            due_at=due.due_at))
+
+    async def _account_id(self, session: AsyncSession, sender: str, now: datetime) -> int | None:
+        name = await self._account_name(session, sender)
+        if name is None:
+            return None
+        return await repo.ensure_account(session, name, [sender.rsplit("@", 1)[-1]], now)
 
     def _message_row(self, ctx: _Context, ticket_id: int, now: datetime) -> Message:
         mail = ctx.mail
+        view = ctx.view or readable_or_plain(mail, self.cid_url)
         return Message(
             ticket_id=ticket_id, direction="in", kind=ctx.classification.kind.value,
             message_id=mail.message_id, fingerprint=ctx.fingerprint,
             in_reply_to=list(mail.in_reply_to), references=list(mail.references)[-50:],
             from_addr=ctx.sender, from_name=mail.from_name[:200], reply_to=list(mail.reply_to),
             to=list(mail.to), cc=list(mail.cc), subject=mail.subject, date=mail.date,
-            received_at=now, text=mail.text, html=mail.html,
+            received_at=now, text=view.text, html=mail.html, visible_text=view.visible_text,
+            html_safe=view.html_safe, language=view.language,
             auth_results=mail.header("authentication-results"), raw_sha256=ctx.sha256,
             envelope_from=ctx.envelope.mail_from, envelope_to=list(ctx.envelope.rcpt_tos),
             peer=ctx.envelope.peer, channel=ctx.envelope.channel,
@@ -284,7 +441,7 @@ class Pipeline:
                            ) -> list[tuple[str, dict[str, Any]]]:
         limit = self.settings.inbound.max_attachment_bytes
         rows, events = [], []
-        for part in mail.attachments:
+        for part in stored_attachments(mail):  # winmail.dat contents follow it (issue 12)
             too_big = len(part.payload) > limit
             reason = f"larger than the {limit} byte attachment limit; kept in the raw mail" \
                 if too_big else None

@@ -116,3 +116,37 @@ def test_pipe_sender_comes_from_the_flag_then_the_return_path() -> None:
     assert _pipe_sender(None, b"Return-Path: <x@y.example>\r\nFrom: a@b\r\n") == "x@y.example"
     assert _pipe_sender(None, b"Return-Path: <>\r\nFrom: a@b\r\n") == ""
     assert _pipe_sender(None, b"From: a@b\r\n\r\n") is None  # nobody said: unknown, not <>
+
+
+def test_rules_test_account_and_field_filter(config: Path, tmp_path: Path) -> None:
+    config.write_text(config.read_text() + '''
+[[ticket_fields]]
+name = "tier"
+type = "choice"
+choices = ["gold", "silver"]
+[[rules]]
+name = "bigcorp"
+when.account = "BigCorp"
+then.priority = "high"
+then.set = { tier = "gold" }
+''')
+    assert deskgate(config, "db", "upgrade").returncode == 0
+    assert deskgate(config, "account", "add", "BigCorp", "--domain", "bigcorp.example"
+                    ).returncode == 0
+    mail = tmp_path / "m.eml"
+    mail.write_bytes(make_mail(subject="Renewal", sender="ceo@bigcorp.example"))
+    dry = json.loads(deskgate(config, "rules", "test", str(mail), "--json").stdout)
+    assert dry["rules_fired"] == ["bigcorp"]
+    assert (dry["new_ticket"]["priority"], dry["new_ticket"]["fields"]) == ("high",
+                                                                           {"tier": "gold"})
+    assert json.loads(deskgate(config, "ticket", "list", "--json").stdout) == []  # dry
+    deskgate(config, "deliver", "--recipient", "support@example.test", stdin=mail.read_bytes())
+    gold = json.loads(deskgate(config, "ticket", "list", "--field", "tier=gold", "--json").stdout)
+    assert [(t["number"], t["priority"]) for t in gold] == [(1, "high")]
+    assert json.loads(deskgate(config, "ticket", "list", "--field", "tier=silver", "--json")
+                      .stdout) == []
+    account = json.loads(deskgate(config, "account", "show", "BigCorp", "--json").stdout)
+    assert (account["contacts"], [t["number"] for t in account["tickets"]]) == (
+        ["ceo@bigcorp.example"], [1])
+    bad = deskgate(config, "ticket", "list", "--field", "tier")
+    assert bad.returncode == 1 and "write it as NAME=VALUE" in bad.stderr

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select, text
 
 from gateway.ingest.addresses import reply_address
@@ -18,6 +20,17 @@ from tests.mailbuild import make_mail, send
 async def _count(gateway: Any, model: Any) -> int:
     async with gateway.store.transaction() as session:
         return int(await session.scalar(select(func.count()).select_from(model)))
+
+
+def _received(ticket: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in ticket["thread"] if m["direction"] == "in"]
+
+
+async def _inbound(gateway: Any) -> int:
+    """Received messages only: the acknowledgements we send are messages too."""
+    async with gateway.store.transaction() as session:
+        return int(await session.scalar(select(func.count()).select_from(Message)
+                                        .where(Message.direction == "in")))
 
 
 async def _ticket(gateway: Any, number: int) -> dict[str, Any]:
@@ -35,7 +48,7 @@ async def test_new_mail_becomes_ticket_one(make_gateway: Any) -> None:
     assert ticket["status"] == "open"
     assert ticket["department"] == "support"
     assert ticket["contact"] == "jess@example.org"
-    assert [m["text"].strip() for m in ticket["thread"]] == ["Hello, I need help."]
+    assert [m["text"].strip() for m in _received(ticket)] == ["Hello, I need help."]
     assert ticket["events"][0]["type"] == "created"
 
 
@@ -56,7 +69,7 @@ async def test_reply_with_in_reply_to_joins_the_ticket(make_gateway: Any) -> Non
                                                   in_reply_to="<first@example.org>"),
                        mail_from="other@example.net")
     assert reply.code == 250
-    assert len((await _ticket(gw, 1))["thread"]) == 2
+    assert len(_received(await _ticket(gw, 1))) == 2
     assert await _count(gw, Ticket) == 1
 
 
@@ -66,7 +79,7 @@ async def test_subject_tag_from_a_stranger_starts_a_new_ticket(make_gateway: Any
     await send(gw.inbound_port, make_mail(subject="Re: [#1] Refund needed",
                                           sender="mallory@example.net"))
     assert await _count(gw, Ticket) == 2
-    assert len((await _ticket(gw, 1))["thread"]) == 1
+    assert len(_received(await _ticket(gw, 1))) == 1
 
 
 async def test_subject_tag_from_the_participant_joins_the_ticket(make_gateway: Any) -> None:
@@ -74,7 +87,7 @@ async def test_subject_tag_from_the_participant_joins_the_ticket(make_gateway: A
     await send(gw.inbound_port, make_mail())
     await send(gw.inbound_port, make_mail(subject="Re: [#1] Refund needed"))
     assert await _count(gw, Ticket) == 1
-    assert len((await _ticket(gw, 1))["thread"]) == 2
+    assert len(_received(await _ticket(gw, 1))) == 2
 
 
 async def test_reply_token_threads_a_stranger(make_gateway: Any) -> None:
@@ -84,7 +97,7 @@ async def test_reply_token_threads_a_stranger(make_gateway: Any) -> None:
     reply = await send(gw.inbound_port, make_mail(sender="cfo@example.net", to=token_address),
                        rcpts=(token_address,))
     assert reply.code == 250
-    assert len((await _ticket(gw, 1))["thread"]) == 2
+    assert len(_received(await _ticket(gw, 1))) == 2
 
 
 async def _close(gw: Any, number: int, closed_at: datetime) -> None:
@@ -143,7 +156,7 @@ async def test_too_big_mail_is_refused_at_end_of_data(make_gateway: Any) -> None
     body = ("x" * 76 + "\r\n") * 15000  # ~1.1 MiB, over the 1 MiB test limit
     reply = await send(gw.inbound_port, make_mail(body=body))
     assert (reply.code, reply.stage) == (552, "data")
-    assert await _count(gw, Message) == 0
+    assert await _inbound(gw) == 0
 
 
 async def test_store_failure_mid_transaction_answers_451_and_keeps_nothing(
@@ -171,9 +184,13 @@ async def test_store_failure_mid_transaction_answers_451_and_keeps_nothing(
     assert reply.message.startswith("4.3.0")
     assert "injected" not in reply.message
     for model in (Ticket, Message, Raw, Event):
-        assert await _count(gw, model) == 0, model.__tablename__
+        assert await _count(gw, model) == 0, model.__tablename__  # nothing half-written
 
 
+# aiosqlite drops its half-made connection unclosed when opening the database fails; the
+# ResourceWarning surfaces at some later GC. Not ours to close: ignore it for this test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
 async def test_store_gone_answers_451(make_gateway: Any, sqlite_url: str, tmp_path: Path
                                       ) -> None:
     gw = await make_gateway(url=sqlite_url)
@@ -183,9 +200,10 @@ async def test_store_gone_answers_451(make_gateway: Any, sqlite_url: str, tmp_pa
     database.mkdir()  # the path now cannot be opened as a database
     reply = await send(gw.inbound_port, make_mail())
     assert (reply.code, reply.stage) == (451, "data")
+    gc.collect()  # let the failed connection's warning surface here, where it is filtered
     database.rmdir()
     database.with_suffix(".moved").rename(database)
-    assert await _count(gw, Message) == 0
+    assert await _inbound(gw) == 0
     assert (await send(gw.inbound_port, make_mail())).code == 250
 
 
@@ -195,7 +213,7 @@ async def test_redelivery_answers_250_and_adds_nothing(make_gateway: Any) -> Non
     first = await send(gw.inbound_port, mail)
     again = await send(gw.inbound_port, b"Received: from relay2\r\n" + mail)
     assert (first.code, again.code) == (250, 250)
-    assert await _count(gw, Message) == 1
+    assert await _inbound(gw) == 1
     assert await _count(gw, Ticket) == 1
 
 
@@ -207,7 +225,7 @@ async def test_same_mail_forwarded_through_two_addresses_is_stored_once(
     assert (await send(gw.inbound_port, mail)).code == 250
     second = await send(gw.inbound_port, mail, rcpts=("billing@example.test",))
     assert second.code == 250
-    assert await _count(gw, Message) == 1
+    assert await _inbound(gw) == 1
 
 
 async def test_different_mails_sharing_a_message_id_are_both_kept(make_gateway: Any) -> None:
@@ -215,7 +233,7 @@ async def test_different_mails_sharing_a_message_id_are_both_kept(make_gateway: 
     await send(gw.inbound_port, make_mail(subject="First", message_id="<reused@x>"))
     await send(gw.inbound_port, make_mail(subject="Second", message_id="<reused@x>",
                                           sender="someone@example.net"))
-    assert await _count(gw, Message) == 2
+    assert await _inbound(gw) == 2
 
 
 async def test_several_of_our_recipients_make_one_ticket_in_the_first_department(

@@ -52,3 +52,31 @@ def test_address_owned_twice_is_refused() -> None:
 def test_invalid_toml_is_one_readable_problem() -> None:
     with pytest.raises(ConfigError, match="t.toml: not valid TOML"):
         parse_settings("[inbound\nlisten=1", "t.toml")
+
+
+def test_sla_keys_are_validated_with_their_names() -> None:
+    text = settings_text("sqlite+aiosqlite:///x.db").replace('slug = "support"', '''slug = "support"
+business_hours = { mon = ["9-18"], funday = ["10:00-11:00"] }
+holidays = ["25.12.2026"]
+sla.urgent = { first_response_min = 10 }
+sla.high = { first_response_min = -5 }''', 1)
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text, "t.toml")
+    joined = "\n".join(caught.value.problems)
+    for expected in ("departments[0].business_hours.funday: is not a weekday",
+                     "departments[0].business_hours.mon[0]: '9-18'",
+                     "departments[0].holidays[0]: '25.12.2026' is not a date",
+                     "departments[0].sla.urgent: must be a table for one of high",
+                     "departments[0].sla.high.first_response_min: must be a positive number"):
+        assert expected in joined
+
+
+def test_priority_rules_raise_but_never_lower() -> None:
+    text = settings_text("sqlite+aiosqlite:///x.db").replace('slug = "support"', '''slug = "support"
+default_priority = "medium"
+priority_rules = [{ sender_domains = ["vip.example"], priority = "high" },
+                  { subject_words = ["newsletter"], priority = "low" }]''', 1)
+    sla = parse_settings(text, "t.toml").departments[0].sla
+    assert sla.priority_for("ceo@vip.example", "hello") == "high"
+    assert sla.priority_for("a@b.example", "Newsletter question") == "medium"
+    assert sla.priority_for(None, "hello") == "medium"

@@ -24,10 +24,19 @@ def upgrade() -> None:
     op.create_table('accounts',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
-    sa.Column('domains', sa.JSON(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_accounts')),
     sa.UniqueConstraint('name', name=op.f('uq_accounts_name'))
     )
+    op.create_table('account_domains',
+    sa.Column('domain', sa.String(length=255), nullable=False),
+    sa.Column('account_id', sa.Integer(), nullable=False),
+    sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], name=op.f('fk_account_domains_account_id_accounts')),
+    sa.PrimaryKeyConstraint('domain', name=op.f('pk_account_domains'))
+    )
+    with op.batch_alter_table('account_domains', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_account_domains_account_id'), ['account_id'], unique=False)
+
     op.create_table('agents',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('email', sa.String(length=320), nullable=False),
@@ -124,12 +133,18 @@ def upgrade() -> None:
     sa.Column('language', sa.String(length=8), nullable=True),
     sa.Column('follow_up_of_id', sa.Integer(), nullable=True),
     sa.Column('tags', sa.JSON(), nullable=False),
+    sa.Column('category', sa.String(length=200), nullable=True),
+    sa.Column('subcategory', sa.String(length=200), nullable=True),
+    sa.Column('product', sa.String(length=200), nullable=True),
+    sa.Column('custom_fields', sa.JSON(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('first_response_due_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('due_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('first_response_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('closed_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('sla_paused_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('sla_warned_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['contact_id'], ['contacts.id'], name=op.f('fk_tickets_contact_id_contacts')),
     sa.ForeignKeyConstraint(['department_id'], ['departments.id'], name=op.f('fk_tickets_department_id_departments')),
     sa.ForeignKeyConstraint(['follow_up_of_id'], ['tickets.id'], name=op.f('fk_tickets_follow_up_of_id_tickets')),
@@ -302,5 +317,9 @@ def downgrade() -> None:
     op.drop_table('imap_mailboxes')
     op.drop_table('departments')
     op.drop_table('agents')
+    with op.batch_alter_table('account_domains', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_account_domains_account_id'))
+
+    op.drop_table('account_domains')
     op.drop_table('accounts')
     # ### end Alembic commands ###

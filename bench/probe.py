@@ -1,0 +1,186 @@
+"""Our own SMTP client, for what smtp-source cannot do.
+
+smtp-source sends the same text every time, so it measures throughput only. This client
+measures the latency of the end of DATA (final dot -> reply) under that load, with a mix of
+new tickets and replies (In-Reply-To/References to its own earlier mails), the event-loop
+lag of the server (NOOP round trips) and small mails while big ones arrive. It prints one
+JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import time
+import uuid
+
+CUSTOMERS = 50
+
+
+class Connection:
+    """One SMTP connection; commands answered in order, no pipelining."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**20)
+        conn = cls(reader, writer)
+        await conn.reply()
+        await conn.command(b"EHLO probe.bench.test")
+        return conn
+
+    async def reply(self) -> int:
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ConnectionError("server closed the connection")
+            if line[3:4] != b"-":
+                return int(line[:3])
+
+    async def command(self, line: bytes) -> int:
+        self.writer.write(line + b"\r\n")
+        return await self.reply()
+
+    async def send(self, sender: str, rcpt: str, body: bytes) -> tuple[int, float]:
+        """One transaction; returns the final reply code and the seconds from the final dot."""
+        for line in (f"MAIL FROM:<{sender}>".encode(), f"RCPT TO:<{rcpt}>".encode()):
+            code = await self.command(line)
+            if code >= 400:
+                await self.command(b"RSET")
+                return code, 0.0
+        if await self.command(b"DATA") != 354:
+            return 554, 0.0
+        self.writer.write(body)
+        await self.writer.drain()
+        started = time.perf_counter()
+        code = await self.command(b".")
+        return code, time.perf_counter() - started
+
+    async def close(self) -> None:
+        try:
+            await self.command(b"QUIT")
+        except (OSError, ConnectionError, ValueError):
+            pass
+        self.writer.close()
+
+
+def mail(tag: str, i: int, size: int, in_reply_to: str | None = None) -> tuple[str, bytes]:
+    """A CRLF mail of about `size` bytes; no line starts with a dot, so no dot-stuffing."""
+    sender = f"c{i % CUSTOMERS}@customer.example"
+    message_id = f"<{tag}.{i}@customer.example>"
+    head = [f"From: Customer {i % CUSTOMERS} <{sender}>", "To: support@example.test",
+            f"Message-ID: {message_id}", "Date: Mon, 23 Nov 2026 18:00:00 +0000",
+            "MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8"]
+    if in_reply_to:
+        head += [f"Subject: Re: Question {tag} {i}", f"In-Reply-To: {in_reply_to}",
+                 f"References: {in_reply_to}"]
+    else:
+        head.append(f"Subject: Question {tag} {i}")
+    line = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor."
+    body = [line] * max(1, size // (len(line) + 2))
+    return message_id, ("\r\n".join([*head, "", *body]) + "\r\n").encode()
+
+
+async def probe_mails(port: int, size: int, pause_s: float, stop: asyncio.Event,
+                      limit: int = 0) -> dict[str, object]:
+    """Sequential mails, every other one a reply to an earlier new one, until stopped."""
+    tag = uuid.uuid4().hex[:12]
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    earlier: list[str] = []
+    conn = await Connection.open(port)
+    i = 0
+    while not stop.is_set() and (not limit or i < limit):
+        parent = earlier[(i // 2) % len(earlier)] if i % 2 and earlier else None
+        message_id, body = mail(tag, i, size, parent)
+        code, latency = await conn.send(f"c{i % CUSTOMERS}@customer.example",
+                                        "support@example.test", body)
+        codes[code] = codes.get(code, 0) + 1
+        if code == 250:
+            latencies.append(latency)
+            if parent is None:
+                earlier.append(message_id)
+        i += 1
+        await asyncio.sleep(pause_s)
+    await conn.close()
+    return {"latencies_s": latencies, "codes": codes, "tag": tag}
+
+
+async def noop_lag(port: int, interval_s: float, stop: asyncio.Event) -> list[float]:
+    """NOOP is answered by the protocol alone: its round trip is the server loop's lag."""
+    conn = await Connection.open(port)
+    lags: list[float] = []
+    while not stop.is_set():
+        started = time.perf_counter()
+        await conn.command(b"NOOP")
+        lags.append(time.perf_counter() - started)
+        await asyncio.sleep(interval_s)
+    await conn.close()
+    return lags
+
+
+async def big_sender(port: int, tag: str, i: int, size: int) -> tuple[int, float]:
+    # A base64-looking attachment: the realistic shape of a big mail.
+    line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0"
+    head = (f"From: big{i}@customer.example\r\nTo: support@example.test\r\n"
+            f"Subject: Big {tag} {i}\r\nMessage-ID: <big.{tag}.{i}@customer.example>\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
+            "--b\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n--b\r\n"
+            "Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+            "Content-Disposition: attachment; filename=big.bin\r\n\r\n").encode()
+    body = head + (line + b"\r\n") * (size // (len(line) + 2)) + b"--b--\r\n"
+    started = time.perf_counter()
+    conn = await Connection.open(port)
+    code, _ = await conn.send(f"big{i}@customer.example", "support@example.test", body)
+    await conn.close()
+    return code, time.perf_counter() - started
+
+
+async def phase(port: int, seconds: float, big: int, big_bytes: int) -> dict[str, object]:
+    stop = asyncio.Event()
+    small = asyncio.create_task(probe_mails(port, 5 * 1024, 0.02, stop))
+    lag = asyncio.create_task(noop_lag(port, 0.01, stop))
+    tag = uuid.uuid4().hex[:8]
+    started = time.perf_counter()
+    if big:
+        results = await asyncio.gather(*(big_sender(port, tag, i, big_bytes) for i in range(big)))
+    else:
+        await asyncio.sleep(seconds)
+        results = []
+    elapsed = time.perf_counter() - started
+    stop.set()
+    out = await small
+    out["lag_s"] = await lag
+    out["elapsed_s"] = elapsed
+    out["big_codes"] = [code for code, _ in results]
+    out["big_seconds"] = [seconds for _, seconds in results]
+    return out
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["latency", "big"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--size", type=int, default=5 * 1024)
+    parser.add_argument("--pause-ms", type=float, default=10)
+    parser.add_argument("--big", type=int, default=20)
+    parser.add_argument("--big-mb", type=float, default=10)
+    parser.add_argument("--baseline-s", type=float, default=5)
+    args = parser.parse_args()
+    if args.mode == "latency":
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        result = await probe_mails(args.port, args.size, args.pause_ms / 1000, stop)
+    else:
+        result = {"baseline": await phase(args.port, args.baseline_s, 0, 0),
+                  "with_big": await phase(args.port, 0, args.big, int(args.big_mb * 2**20))}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

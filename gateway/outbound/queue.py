@@ -1,0 +1,123 @@
+"""The outbox table as a queue: enqueue in the cause's transaction, claim with a lease, settle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from gateway.ingest.addresses import bounce_address
+from store.models import Address, Outbox
+
+DUE_STATES = ("queued", "retry")
+HELD_REASON = "From {address} is not verified yet (deskgate address verify {address})"
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A row the worker holds a lease on: everything it needs to send, nothing more."""
+
+    id: int
+    ticket_id: int | None
+    kind: str
+    envelope_from: str
+    envelope_to: tuple[str, ...]
+    from_addr: str
+    message_id: str
+    mime: bytes
+    attempts: int
+    internal_errors: int
+    created_at: datetime
+
+
+async def is_verified(session: AsyncSession, address: str) -> bool:
+    state = await session.scalar(select(Address.verification_state)
+                                 .where(Address.email == address.lower()))
+    return state == "verified"
+
+
+async def enqueue(session: AsyncSession, *, kind: str, from_addr: str, to: str, message_id: str,
+                  mime: bytes, now: datetime, secret: bytes, ticket_id: int | None = None,
+                  cause_message_id: int | None = None, exempt_from_hold: bool = False) -> Outbox:
+    """Adds a row; From an unverified address it waits as `held` (DESIGN 4, verification)."""
+    held = not exempt_from_hold and not await is_verified(session, from_addr)
+    row = Outbox(kind=kind, ticket_id=ticket_id, cause_message_id=cause_message_id,
+                 envelope_from="", envelope_to=[to], from_addr=from_addr.lower(),
+                 recipient=to.lower(), message_id=message_id, mime=mime,
+                 state="held" if held else "queued", attempts=0, internal_errors=0,
+                 next_attempt_at=now, created_at=now,
+                 last_error=HELD_REASON.format(address=from_addr) if held else None)
+    session.add(row)
+    await session.flush()
+    # The VERP sender names the row, so it can only be set once the row has its id.
+    row.envelope_from = bounce_address(from_addr.rsplit("@", 1)[1], row.id, secret)
+    await session.flush()
+    return row
+
+
+async def recent_count(session: AsyncSession, kind: str, recipient: str, since: datetime) -> int:
+    return int(await session.scalar(select(func.count(Outbox.id)).where(
+        Outbox.kind == kind, Outbox.recipient == recipient.lower(),
+        Outbox.created_at >= since)) or 0)
+
+
+async def recover(session: AsyncSession, now: datetime) -> int:
+    """Rows whose worker died mid-send (lease expired) become due again."""
+    result = await session.execute(update(Outbox).where(
+        Outbox.state == "sending", Outbox.lease_until < now).values(
+        state="retry", lease_until=None, next_attempt_at=now))
+    return int(result.rowcount or 0)
+
+
+async def claim(session: AsyncSession, now: datetime, lease_s: int, limit: int) -> list[Claimed]:
+    due = or_(Outbox.state.in_(DUE_STATES),
+              (Outbox.state == "sending") & (Outbox.lease_until < now))
+    query = (select(Outbox).where(due, Outbox.next_attempt_at <= now)
+             .order_by(Outbox.next_attempt_at, Outbox.id).limit(limit))
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        # Several instances: each row is claimed by one of them (DESIGN 6).
+        query = query.with_for_update(skip_locked=True)
+    rows = list(await session.scalars(query))
+    for row in rows:
+        row.state, row.lease_until = "sending", now + timedelta(seconds=lease_s)
+    await session.flush()
+    return [Claimed(r.id, r.ticket_id, r.kind, r.envelope_from, tuple(r.envelope_to),
+                    r.from_addr, r.message_id, r.mime, r.attempts, r.internal_errors,
+                    r.created_at) for r in rows]
+
+
+async def settle(session: AsyncSession, row_id: int, **values: Any) -> None:
+    await session.execute(update(Outbox).where(Outbox.id == row_id)
+                          .values(lease_until=None, **values))
+
+
+async def release_held(session: AsyncSession, address: str, now: datetime) -> int:
+    result = await session.execute(update(Outbox).where(
+        Outbox.state == "held", Outbox.from_addr == address.lower()).values(
+        state="queued", next_attempt_at=now, last_error=None))
+    return int(result.rowcount or 0)
+
+
+async def requeue(session: AsyncSession, row_id: int, states: tuple[str, ...], now: datetime
+                  ) -> bool:
+    """`outbox retry` (failed) and `outbox replay` (shunted): due now, errors forgotten."""
+    result = await session.execute(update(Outbox).where(
+        Outbox.id == row_id, Outbox.state.in_(states)).values(
+        state="queued", next_attempt_at=now, internal_errors=0, lease_until=None))
+    return bool(result.rowcount)
+
+
+async def listing(session: AsyncSession, state: str | None, limit: int = 200
+                  ) -> list[dict[str, Any]]:
+    query = select(Outbox).order_by(Outbox.id.desc()).limit(limit)
+    if state:
+        query = query.where(Outbox.state == state)
+    return [{"id": r.id, "state": r.state, "kind": r.kind, "ticket_id": r.ticket_id,
+             "to": r.recipient, "from": r.from_addr, "attempts": r.attempts,
+             "next_attempt_at": r.next_attempt_at, "created_at": r.created_at,
+             "sent_at": r.sent_at, "message_id": r.message_id, "last_error": r.last_error,
+             "bounce": r.bounce}
+            for r in await session.scalars(query)]

@@ -1,0 +1,119 @@
+"""[[imap]] tables -> frozen ImapSettings, validated with the key named in every error."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.settings import DepartmentSettings, _Reader
+
+TLS_MODES = ("implicit", "starttls", "none")
+AUTH_MODES = ("password", "xoauth2")
+_KEYS = {"name", "host", "port", "tls", "allow_plaintext", "user", "auth", "password_file",
+         "password_env", "token_command", "folder", "department", "after_import",
+         "poll_interval_s", "batch_size"}
+
+
+@dataclass(frozen=True, slots=True)
+class AfterImport:
+    """What happens to a message once its ingest committed: flag, move, or delete."""
+
+    action: str  # seen | move | delete
+    folder: str = ""  # target of move
+
+    def __str__(self) -> str:
+        return f"move:{self.folder}" if self.action == "move" else self.action
+
+
+def parse_after_import(value: str) -> AfterImport | None:
+    """`seen`, `delete` or `move:Folder`; None when the value is none of these."""
+    if value in ("seen", "delete"):
+        return AfterImport(value)
+    action, sep, folder = value.partition(":")
+    if action == "move" and sep and folder.strip():
+        return AfterImport("move", folder.strip())
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ImapSettings:
+    name: str
+    host: str
+    port: int
+    tls: str  # implicit | starttls | none
+    user: str
+    auth: str  # password | xoauth2
+    password_file: str | None
+    password_env: str | None
+    token_command: str | None  # xoauth2: prints an access token on stdout
+    folder: str
+    department: str  # slug
+    address: str  # the department's first address: the envelope recipient of every mail
+    after_import: AfterImport
+    poll_interval_s: int
+    batch_size: int
+
+
+def _one(r: _Reader, table: dict[str, Any], index: int,
+         departments: dict[str, DepartmentSettings]) -> ImapSettings:
+    from gateway.settings import _REQUIRED
+
+    prefix = f"imap[{index}]"
+    r.unknown(table, _KEYS, prefix)
+    name = r.get(table, "name", prefix, str, f"imap{index}") or f"imap{index}"
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,100}", name):
+        r.fail(f"{prefix}.name", f"must be letters, digits, '.', '_' or '-', not {name!r}")
+    tls = r.get(table, "tls", prefix, str, "implicit")
+    if tls not in TLS_MODES:
+        r.fail(f"{prefix}.tls", f"must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+    if tls == "none" and not r.get(table, "allow_plaintext", prefix, bool, False):
+        r.fail(f"{prefix}.tls", "is \"none\" (password in clear text): set allow_plaintext = "
+                                "true to allow it")
+    port = r.get(table, "port", prefix, int, 993 if tls == "implicit" else 143)
+    if not 0 < port < 65536:
+        r.fail(f"{prefix}.port", f"must be 1..65535, not {port}")
+    auth = r.get(table, "auth", prefix, str, "password")
+    password_file = r.get(table, "password_file", prefix, str, None)
+    password_env = r.get(table, "password_env", prefix, str, None)
+    token_command = r.get(table, "token_command", prefix, str, None)
+    if auth not in AUTH_MODES:
+        r.fail(f"{prefix}.auth", f"must be one of {', '.join(AUTH_MODES)}, not {auth!r}")
+    elif auth == "password" and (password_file is None) == (password_env is None):
+        r.fail(f"{prefix}.password_file", "give exactly one of password_file or password_env")
+    elif auth == "xoauth2" and not token_command:
+        r.fail(f"{prefix}.token_command", "is required with auth = \"xoauth2\"")
+    slug = r.get(table, "department", prefix, str, "")
+    department = departments.get(slug)
+    if department is None or not department.addresses:
+        r.fail(f"{prefix}.department", f"{slug!r} is not the slug of a [[departments]] table")
+    raw_action = r.get(table, "after_import", prefix, str, "seen")
+    after_import = parse_after_import(raw_action)
+    if after_import is None:
+        r.fail(f"{prefix}.after_import", f"must be seen, delete or move:FOLDER, not {raw_action!r}")
+    poll_interval_s = r.get(table, "poll_interval_s", prefix, int, 60)
+    if poll_interval_s < 1:
+        r.fail(f"{prefix}.poll_interval_s", "must be at least 1")
+    batch_size = r.get(table, "batch_size", prefix, int, 50)
+    if not 1 <= batch_size <= 1000:
+        r.fail(f"{prefix}.batch_size", "must be 1..1000")
+    return ImapSettings(
+        name=name, host=r.get(table, "host", prefix, str, _REQUIRED) or "",
+        port=port, tls=tls, user=r.get(table, "user", prefix, str, _REQUIRED) or "", auth=auth,
+        password_file=password_file, password_env=password_env, token_command=token_command,
+        folder=r.get(table, "folder", prefix, str, "INBOX"), department=slug,
+        address=department.addresses[0] if department and department.addresses else "",
+        after_import=after_import or AfterImport("seen"),
+        poll_interval_s=max(1, poll_interval_s), batch_size=max(1, batch_size))
+
+
+def parse_imap(r: _Reader, data: dict[str, Any],
+               departments: list[DepartmentSettings]) -> tuple[ImapSettings, ...]:
+    tables = r.get(data, "imap", "", list, [])
+    by_slug = {d.slug: d for d in departments}
+    mailboxes = [_one(r, t, i, by_slug) for i, t in enumerate(tables) if isinstance(t, dict)]
+    names = [m.name for m in mailboxes]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        r.fail("imap", f"name {name!r} is used twice")
+    return tuple(mailboxes)
