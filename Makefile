@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config/deskgate.dev.toml
 
-.PHONY: serve test install install-test migrate clean install-system
+.PHONY: serve test install install-test migrate clean install-system bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: install-test
 # (README "Run under systemd"). Also the upgrade: run it again from the new checkout.
 install-system:
 	systemd/install.sh
+
+# Throughput, latency and memory against the bare aiosmtpd sink (bench/README.md).
+# Needs Postfix's smtp-source (Debian package postfix); BENCH_QUICK=1 for a short run.
+bench: install
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) var/*.sqlite3*

@@ -253,8 +253,12 @@ def main() -> None:
         print(f"\nBig mails: {BIG} x 10 MiB sent at once, small 5 KB mails and NOOPs alongside",
               flush=True)
         results["big"] = []
-        makers = (lambda: start_sink("aiosmtpd-sink", workdir),
-                  lambda: start_deskgate("sqlite-big", workdir, sqlite_url(workdir, "big")))
+        makers = [lambda: start_sink("aiosmtpd-sink", workdir),
+                  lambda: start_deskgate("sqlite-big", workdir, sqlite_url(workdir, "big"))]
+        if have_pg:  # no single-writer lock there: tells the store's share from the loop's
+            name, big_url = pg_create("deskgate_bench_big")
+            databases.append(name)
+            makers.append(lambda: start_deskgate("postgres-big", workdir, big_url))
         for make in makers:
             server = warm(make())
             servers.append(server)

@@ -25,6 +25,8 @@ url = "{url}"
 [inbound]
 listen = "127.0.0.1:{port}"
 max_message_bytes = {max_bytes}
+[web]
+listen = "127.0.0.1:{web_port}"
 [relay]
 listen = "127.0.0.1:{relay_port}"
 security = "none"
@@ -150,7 +152,7 @@ def deskgate_config(name: str, workdir: Path, url: str, max_bytes: int,
     port = free_port()
     config = workdir / f"{name}.toml"
     config.write_text(CONFIG.format(url=url, port=port, max_bytes=max_bytes,
-                                    relay_port=relay_port))
+                                    relay_port=relay_port, web_port=free_port()))
     subprocess.run([PYTHON, "-m", "gateway.cli", "--config", str(config), "db", "upgrade"],
                    check=True, capture_output=True, cwd=source)
     return config, port

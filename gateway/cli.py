@@ -20,6 +20,8 @@ from gateway.ingest.model import Envelope
 from gateway.ingest.pipeline import Outcome, Pipeline
 from gateway.outbound import commands as outbound_commands
 from gateway.settings import Settings, find_config, load_settings
+from gateway.outbound.rating import RatingMail
+from gateway.outbound.render import Renderer
 from gateway.tickets import actions
 from gateway.tickets.lifecycle import Status
 from gateway.tickets.sla_config import PRIORITIES
@@ -127,7 +129,10 @@ async def cmd_ticket(settings: Settings, args: argparse.Namespace) -> int:
                 print(f"ticket {args.number}: priority {args.priority}")
                 return 0
             target = Status.CLOSED if args.action == "close" else Status(args.status)
-            await actions.change_status(session, settings, args.number, target, now, "cli")
+            rating = RatingMail(settings, Renderer(dict(settings.outbound.template_dirs)),
+                                lambda: now)
+            await actions.change_status(session, settings, args.number, target, now, "cli",
+                                        on_close=rating.on_closed)
             print(f"ticket {args.number} {'closed' if args.action == 'close' else target.value}")
         return 0
 
@@ -281,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     sla.add_argument("--since", metavar="YYYY-MM-DD", help="tickets created since (default: 30 days)")
     sla.add_argument("--json", action="store_true")
     sla.set_defaults(run=cmd_report)
+    csat = report.add_parser("csat", help="satisfaction ratings: counts, Good share, comments")
+    csat.add_argument("--by", choices=["department", "agent"], default="department")
+    tickets = report.add_parser("tickets", help="new, reopened, closed, median first response")
+    for report_parser in (csat, tickets):
+        report_parser.add_argument("--since", metavar="YYYY-MM-DD",
+                                   help="since this day (default: 30 days)")
+        report_parser.add_argument("--json", action="store_true")
+        report_parser.set_defaults(run=cmd_report)
     contact = sub.add_parser("contact", help="contacts").add_subparsers(dest="action",
                                                                         required=True)
     show = contact.add_parser("show", help="a contact and all their tickets")
@@ -296,14 +309,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     now = datetime.now(UTC)
-    since = datetime.fromisoformat(args.since).replace(tzinfo=UTC) if args.since \
-        else now - timedelta(days=30)
+    try:
+        since = datetime.fromisoformat(args.since).replace(tzinfo=UTC) if args.since \
+            else now - timedelta(days=30)
+    except ValueError:
+        raise DeskgateError(f"--since {args.since!r}: write a date like 2026-11-01") from None
 
     async def work(store: Store) -> int:
         async with store.transaction() as session:
-            rows = await queries.sla_report(session, since, now)
+            if args.action == "csat":
+                rows = await queries.csat_report(session, since, args.by)
+            elif args.action == "tickets":
+                rows = await queries.tickets_report(session, since)
+            else:
+                rows = await queries.sla_report(session, since, now)
         if args.json:
             _print_json(rows)
+            return 0
+        if args.action != "sla":
+            _print_report(args.action, rows, args.by if args.action == "csat" else "")
             return 0
         print(f"SLA since {since.date().isoformat()}")
         _table([{"department": r["department"], "priority": r["priority"],
@@ -313,6 +337,17 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     return await _with_store(settings, work)
+
+
+def _print_report(kind: str, rows: list[dict[str, Any]], by: str) -> None:
+    if kind == "tickets":
+        _table(rows, ["department", "new", "reopened", "closed", "median_first_response_min"])
+        return
+    _table([r | {"score": "-" if r["score"] is None else f"{r['score']:.0%}"} for r in rows],
+           [by, "ratings", "good", "okay", "bad", "score"])
+    for row in rows:
+        for item in row["comments"]:
+            print(f"  #{item['ticket']} {item['value']}: {item['comment']}")
 
 
 def _share(counts: dict[str, Any]) -> str:

@@ -18,7 +18,11 @@ from gateway.inbound.smtp import InboundHandler, start_inbound
 from gateway.inbound.imap import ImapPollers
 from gateway.ingest.pipeline import Pipeline
 from gateway.outbound.service import Outbound
+from gateway.outbound.rating import RatingMail
 from gateway.scheduler import Scheduler
+from gateway.web.app import WebApp
+from gateway.web.metrics import Metrics
+from gateway.web.tokens import link_keys
 from gateway.settings import Settings, load_settings
 from store.engine import Store
 from store.migrate import pending
@@ -45,6 +49,22 @@ class Gateway:
         self.scheduler = Scheduler(settings, self.store, self.pipeline.clock,
                                    settings.tickets.scheduler_tick_s)
         self._scheduler_task: asyncio.Task[None] | None = None
+        self.rating = RatingMail(settings, self.outbound.renderer, self.pipeline.clock,
+                                 self.outbound._wake_soon)  # noqa: SLF001
+        self.scheduler.hooks.append(self.rating.on_time_rule)
+        # Rating links, /healthz, /metrics (issue 5).
+        self.metrics = Metrics()
+        self.handler.metrics = self.metrics
+        self.web = WebApp(self.store, link_keys(settings.tickets.reply_token_secret),
+                          self.metrics, self.health, self.pipeline.clock)
+        self.web_port: int | None = None
+        self.web.released = self.outbound._wake  # noqa: SLF001 — held mail may go now
+
+    def health(self) -> dict[str, bool]:
+        """Every supervised part alive (the web endpoint adds the database check)."""
+        return {"inbound": self.server is not None and self.server.is_serving(),
+                "scheduler": self._scheduler_task is not None and
+                not self._scheduler_task.done()}
 
     @property
     def inbound_port(self) -> int:
@@ -65,6 +85,9 @@ class Gateway:
                  departments=[d.slug for d in self.settings.departments])
         self.imap.start()  # one supervised poller task per [[imap]] mailbox (issue 7)
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        web = self.settings.web
+        self.web_port = await self.web.start(web.host, web.port, reuse_port)
+        log.info("service.web", listen=f"{web.host}:{self.web_port}")
 
     async def stop(self, drain_timeout_s: float | None = None,
                    force: asyncio.Event | None = None) -> None:
@@ -75,6 +98,7 @@ class Gateway:
         """
         self.handler.accepting = False
         await self.imap.stop()  # an import cut short rolls back and is fetched again
+        await self.web.stop()
         if self._scheduler_task is not None:  # its changes are claimed per transaction
             self._scheduler_task.cancel()
             await asyncio.gather(self._scheduler_task, return_exceptions=True)
@@ -150,8 +174,12 @@ async def supervise(config: str, workers: int) -> int:
     """
     command = [sys.executable, "-m", "gateway.cli", "--config", config, "serve", "--reuse-port"]
     children = [await asyncio.create_subprocess_exec(*command) for _ in range(workers)]
+    stopping: list[bool] = []
 
     def stop_all() -> None:
+        if stopping:  # once: a second SIGTERM would cut a worker's drain short
+            return
+        stopping.append(True)
         for child in children:
             if child.returncode is None:
                 child.send_signal(signal.SIGTERM)

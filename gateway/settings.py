@@ -60,6 +60,28 @@ class TicketSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebLinks:
+    """What the links deskgate mails out look like, and how long they work."""
+
+    base_url: str = "http://127.0.0.1:8080"
+    rating_window_days: int = 30
+
+
+WEB_KEYS = {"listen", "base_url", "rating_window_days"}
+
+
+def _web_links(r: _Reader, data: dict[str, Any]) -> WebLinks:
+    table = data.get("web", {}) if isinstance(data.get("web"), dict) else {}
+    base_url = r.get(table, "base_url", "web", str, "http://127.0.0.1:8080").rstrip("/")
+    if not base_url.startswith(("http://", "https://")):
+        r.fail("web.base_url", f"must be an http(s) URL, not {base_url!r}")
+    days = r.get(table, "rating_window_days", "web", int, 30)
+    if days < 1:
+        r.fail("web.rating_window_days", "must be at least 1")
+    return WebLinks(base_url, days)
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     source: str
     hostname: str
@@ -76,6 +98,7 @@ class Settings:
     drain_timeout_s: float = 30.0
     outbound: OutboundSettings = OutboundSettings()  # relay options, outbox, acks, DKIM (issue 4)
     rules: RulesSettings = RulesSettings()  # routing rules, ticket fields, accounts (issue 13)
+    web_links: WebLinks = WebLinks()  # rating and verification links (issue 5)
 
     def department_of(self, address: str) -> DepartmentSettings | None:
         address = address.lower()
@@ -261,16 +284,19 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
     _check_departments(r, departments)
     imap = parse_imap(r, data, departments)
     listens = {
-        name: _listen(r, _section(r, data, name, RELAY_KEYS if name == "relay" else {"listen"}),
+        name: _listen(r, _section(r, data, name, RELAY_KEYS if name == "relay" else
+                      WEB_KEYS if name == "web" else {"listen"}),
                       name, default)
         for name, default in (("relay", "127.0.0.1:2526"), ("submission", "127.0.0.1:2587"),
                               ("web", "127.0.0.1:8080"))
     }
     outbound = read_outbound(r, data)
     rules = parse_rules_settings(r, data, frozenset(d.slug for d in departments))
+    web_links = _web_links(r, data)
     if r.problems:
         raise ConfigError(r.problems)
-    return Settings(imap=imap, outbound=outbound, rules=rules, source=source, hostname=hostname, database_url=url, log_level=log_level,
+    return Settings(imap=imap, outbound=outbound, rules=rules, web_links=web_links,
+                    source=source, hostname=hostname, database_url=url, log_level=log_level,
                     inbound=inbound_settings, tickets=ticket_settings,
                     departments=tuple(departments), drain_timeout_s=float(drain_timeout_s),
                     **listens)

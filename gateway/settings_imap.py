@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 TLS_MODES = ("implicit", "starttls", "none")
 AUTH_MODES = ("password", "xoauth2")
-_KEYS = {"name", "host", "port", "tls", "allow_plaintext", "user", "auth", "password_file",
+_KEYS = {"name", "host", "port", "tls", "ca_file", "allow_plaintext", "user", "auth",
+         "password_file",
          "password_env", "token_command", "folder", "department", "after_import",
          "poll_interval_s", "batch_size"}
 
@@ -43,6 +44,7 @@ class ImapSettings:
     host: str
     port: int
     tls: str  # implicit | starttls | none
+    ca_file: str | None  # PEM file of the CAs to trust instead of the system's
     user: str
     auth: str  # password | xoauth2
     password_file: str | None
@@ -100,7 +102,8 @@ def _one(r: _Reader, table: dict[str, Any], index: int,
         r.fail(f"{prefix}.batch_size", "must be 1..1000")
     return ImapSettings(
         name=name, host=r.get(table, "host", prefix, str, _REQUIRED) or "",
-        port=port, tls=tls, user=r.get(table, "user", prefix, str, _REQUIRED) or "", auth=auth,
+        port=port, tls=tls, ca_file=r.get(table, "ca_file", prefix, str, None),
+        user=r.get(table, "user", prefix, str, _REQUIRED) or "", auth=auth,
         password_file=password_file, password_env=password_env, token_command=token_command,
         folder=r.get(table, "folder", prefix, str, "INBOX"), department=slug,
         address=department.addresses[0] if department and department.addresses else "",

@@ -170,3 +170,62 @@ async def sla_report(session: AsyncSession, since: datetime, now: datetime
             group[target]["met_share"] = round(group[target]["met"] / decided, 3) \
                 if decided else None
     return [groups[key] for key in sorted(groups)]
+
+
+async def csat_report(session: AsyncSession, since: datetime, by: str) -> list[dict[str, Any]]:
+    """Ratings per department or agent: counts per value, the Good share, the comments."""
+    from store.models import Agent, Rating
+
+    group = Department.slug if by == "department" else func.coalesce(Agent.email, "(unowned)")
+    rows = await session.execute(
+        select(group, Rating.value, Rating.comment, Ticket.number)
+        .join(Ticket, Ticket.id == Rating.ticket_id)
+        .join(Department, Department.id == Rating.department_id)
+        .outerjoin(Agent, Agent.id == Rating.agent_id)
+        .where(Rating.updated_at >= since).order_by(group, Ticket.number))
+    report: dict[str, dict[str, Any]] = {}
+    for key, value, comment, number in rows:
+        entry = report.setdefault(key, {by: key, "good": 0, "okay": 0, "bad": 0,
+                                        "comments": []})
+        entry[value] += 1
+        if comment:
+            entry["comments"].append({"ticket": number, "value": value, "comment": comment})
+    for entry in report.values():
+        total = entry["good"] + entry["okay"] + entry["bad"]
+        entry["ratings"] = total
+        entry["score"] = round(entry["good"] / total, 3) if total else None
+    return list(report.values())
+
+
+async def tickets_report(session: AsyncSession, since: datetime) -> list[dict[str, Any]]:
+    """New, reopened and closed tickets and the median first-response time per department."""
+    from statistics import median
+
+    report: dict[str, dict[str, Any]] = {}
+
+    def entry(slug: str) -> dict[str, Any]:
+        return report.setdefault(slug, {"department": slug, "new": 0, "reopened": 0,
+                                        "closed": 0, "median_first_response_min": None,
+                                        "_waits": []})
+
+    created = await session.execute(select(Department.slug, Ticket.created_at,
+                                           Ticket.first_response_at, Ticket.closed_at)
+                                    .join(Department, Department.id == Ticket.department_id))
+    for slug, created_at, responded, closed in created:
+        if created_at >= since:
+            entry(slug)["new"] += 1
+            if responded:
+                entry(slug)["_waits"].append((responded - created_at).total_seconds() / 60)
+        if closed and closed >= since:
+            entry(slug)["closed"] += 1
+    reopened = await session.execute(
+        select(Department.slug, func.count()).select_from(Event)
+        .join(Ticket, Ticket.id == Event.ticket_id)
+        .join(Department, Department.id == Ticket.department_id)
+        .where(Event.type == "reopened", Event.at >= since).group_by(Department.slug))
+    for slug, count in reopened:
+        entry(slug)["reopened"] = count
+    for item in report.values():
+        waits = item.pop("_waits")
+        item["median_first_response_min"] = round(median(waits), 1) if waits else None
+    return [report[key] for key in sorted(report)]

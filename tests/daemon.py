@@ -22,7 +22,8 @@ def free_port() -> int:
 
 def write_config(path: Path, db_url: str, port: int, extra_top: str = "",
                  extra_departments: str = "") -> Path:
-    text = settings_text(db_url).replace("127.0.0.1:0", f"127.0.0.1:{port}")
+    # Only the first listen (inbound); [web] keeps port 0.
+    text = settings_text(db_url).replace("127.0.0.1:0", f"127.0.0.1:{port}", 1)
     path.write_text(extra_top + text + extra_departments)
     return path
 

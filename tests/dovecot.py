@@ -23,7 +23,7 @@ instance_name = deskgate-test-{port}
 log_path = {root}/dovecot.log
 protocols = imap
 listen = 127.0.0.1
-ssl = no
+{ssl}
 # Loopback only, throwaway users: clear-text LOGIN is what the test clients use.
 disable_plaintext_auth = no
 auth_mechanisms = plain login
@@ -48,7 +48,8 @@ service imap-login {{
     port = {port}
   }}
   inet_listener imaps {{
-    port = 0
+    address = 127.0.0.1
+    port = {tls_port}
   }}
   chroot =
 }}
@@ -61,6 +62,11 @@ service stats {{
   }}
 }}
 """
+
+
+def binary(name: str) -> str | None:
+    """dovecot and doveadm live in /usr/sbin, which is not on every PATH."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
 
 
 def free_port() -> int:
@@ -90,7 +96,9 @@ def _exists(user: str) -> bool:
 
 
 class Dovecot:
-    def __init__(self) -> None:
+    def __init__(self, tls: bool = False) -> None:
+        self.tls = tls
+        self.tls_port = free_port() if tls else 0
         # Not under pytest's tmp_path: its 0700 parents keep the unprivileged mail user out.
         self.root = Path(tempfile.mkdtemp(prefix="deskgate-dovecot-"))
         self.root.chmod(0o755)
@@ -104,12 +112,19 @@ class Dovecot:
         shutil.chown(self.root / "mail", internal, group)
         (self.root / "passwd").write_text(
             "".join(f"{user}:{{PLAIN}}{password}\n" for user, password in USERS.items()))
+        ssl = "ssl = no"
+        if self.tls:
+            self._certificate()
+            ssl = (f"ssl = yes\nssl_cert = <{self.root}/cert.pem\n"
+                   f"ssl_key = <{self.root}/key.pem")
         self.conf.write_text(CONFIG.format(root=self.root, port=self.port, internal=internal,
-                                           group=group, login=login))
+                                           group=group, login=login, ssl=ssl,
+                                           tls_port=self.tls_port))
         # The daemon keeps inherited descriptors open: no pipes, or run() waits for ever.
         with open(self.root / "start.err", "wb") as err:
-            result = subprocess.run(["dovecot", "-c", str(self.conf)], stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=err, timeout=30)
+            result = subprocess.run([binary("dovecot") or "dovecot", "-c", str(self.conf)],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err, timeout=30)
         if result.returncode != 0:
             raise RuntimeError((self.root / "start.err").read_text()[-1000:])
         deadline = time.monotonic() + 10
@@ -121,9 +136,21 @@ class Dovecot:
                 time.sleep(0.05)
         raise RuntimeError(f"dovecot did not listen on {self.port}: {self.log()}")
 
+    @property
+    def ca_file(self) -> Path:
+        return self.root / "cert.pem"
+
+    def _certificate(self) -> None:
+        """A self-signed certificate for 127.0.0.1: the client trusts it through ca_file."""
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+                        "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                        "-keyout", str(self.root / "key.pem"), "-out", str(self.ca_file)],
+                       check=True, capture_output=True, timeout=60)
+
     def stop(self) -> None:
-        subprocess.run(["doveadm", "-c", str(self.conf), "stop"], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+        subprocess.run([binary("doveadm") or "doveadm", "-c", str(self.conf), "stop"],
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=30)
         pid_file = self.root / "run" / "master.pid"
         deadline = time.monotonic() + 5
         while pid_file.exists() and time.monotonic() < deadline:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import functools
 from collections.abc import Iterable
 from typing import Any
@@ -14,6 +15,7 @@ from gateway.errors import StoreUnavailable
 from gateway.ingest.addresses import RouteKind
 from gateway.ingest.model import Envelope
 from gateway.ingest.pipeline import Outcome, Pipeline
+from gateway.web.metrics import Metrics
 from gateway.replies import (
     R250_DUPLICATE,
     R250_QUARANTINED,
@@ -83,6 +85,7 @@ class InboundHandler:
         self.idle = asyncio.Event()
         self.idle.set()
         self.sessions: set[GatewaySMTP] = set()
+        self.metrics: Metrics | None = None  # set by the composition root when it has one
 
     @property
     def busy(self) -> bool:
@@ -110,12 +113,12 @@ class InboundHandler:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: SMTPEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
         route = self.pipeline.route(address)
-        if route.kind is RouteKind.RELAY:
-            log.info("smtp.rcpt_refused", peer=_peer(session), rcpt=address, reason="relay")
-            return R554_RELAY_DENIED
         if not route.accepted:
-            log.info("smtp.rcpt_refused", peer=_peer(session), rcpt=address, reason="unknown")
-            return R550_NO_SUCH_ADDRESS
+            reason = "relay" if route.kind is RouteKind.RELAY else "unknown"
+            log.info("smtp.rcpt_refused", peer=_peer(session), rcpt=address, reason=reason)
+            if self.metrics:
+                self.metrics.observe_refusal(reason)
+            return R554_RELAY_DENIED if reason == "relay" else R550_NO_SUCH_ADDRESS
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
@@ -125,8 +128,10 @@ class InboundHandler:
                         peer=_peer(session), channel="smtp")
         self.inflight += 1
         self.idle.clear()
+        started, outcome = time.perf_counter(), "temporary_failure"
         try:
             verdict = await self.pipeline.ingest(raw, meta)
+            outcome = verdict.outcome.value
         except StoreUnavailable:
             return R451_TEMPORARY
         except Exception:  # a bug of ours must never become a bounce (STYLE habit 2)
@@ -136,6 +141,8 @@ class InboundHandler:
             self.inflight -= 1
             if not self.inflight:
                 self.idle.set()
+            if self.metrics:
+                self.metrics.observe_mail(outcome, time.perf_counter() - started)
         if verdict.outcome is Outcome.DUPLICATE:
             return R250_DUPLICATE
         if verdict.outcome is Outcome.QUARANTINED:

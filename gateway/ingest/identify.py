@@ -92,8 +92,10 @@ def thread(mail: ParsedMail, evidence: ThreadEvidence, authenticated: bool | Non
     tagged = evidence.by_tag
     if tagged is not None:
         if authenticated is False:
-            return ThreadDecision(None, "new", f"tag #{tagged.number} ignored: authentication failed")
+            return ThreadDecision(None, "new",
+                                  f"tag #{tagged.number} ignored: authentication failed")
         if evidence.sender_in_tag_ticket:
             return ThreadDecision(tagged, "subject-tag", f"#{tagged.number}")
-        return ThreadDecision(None, "new", f"tag #{tagged.number} ignored: sender not a participant")
+        return ThreadDecision(None, "new",
+                              f"tag #{tagged.number} ignored: sender not a participant")
     return ThreadDecision(None, "new", "no reference, token or tag")

@@ -52,7 +52,8 @@ async def start(session: AsyncSession, settings: Settings, renderer: Renderer, e
     row.verification_state, row.verification_code, row.verified_at = "pending", code, None
     language = dept.language if dept.language in ("en", "de", "nl", "zh") else "en"
     rendered = renderer.render("verification", language, {
-        "address": email, "department": dept.name, "code": code}, department=dept.slug)
+        "address": email, "department": dept.name, "code": code,
+        "verify_url": f"{settings.web_links.base_url}/verify/{code}"}, department=dept.slug)
     composed = compose(rendered, Outgoing(
         from_addr=email, from_name=dept.name, to=email, hostname=settings.hostname, date=now,
         auto_submitted="auto-generated", language=language, extra_headers=((HEADER, code),)))

@@ -3,6 +3,7 @@ that keeps status, SLA clock and timeline consistent."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +17,8 @@ from gateway.tickets.sla import SlaClock, due_dates, on_status_change
 from gateway.tickets.sla_config import PRIORITIES
 from store import repo
 from store.models import Department, Ticket
+
+OnClose = Callable[[AsyncSession, int, datetime], Awaitable[list[tuple[str, dict[str, Any]]]]]
 
 
 async def load(session: AsyncSession, settings: Settings, number: int
@@ -48,14 +51,19 @@ async def apply_status(session: AsyncSession, ticket: Ticket, target: Status, no
 
 
 async def change_status(session: AsyncSession, settings: Settings, number: int, target: Status,
-                        now: datetime, by: str) -> None:
+                        now: datetime, by: str, on_close: OnClose | None = None) -> None:
+    """`on_close` runs in the same transaction when the ticket closes: the rating mail
+    commits with the close, or neither happens."""
     ticket, department = await load(session, settings, number)
     try:
         transition(ticket.status, target)
     except ValueError as exc:
         raise DeskgateError(f"ticket {number}: {exc}") from None
     data = await apply_status(session, ticket, target, now, department)
-    await repo.add_events(session, ticket.id, now, [("status_changed", data | {"by": by})])
+    events: list[tuple[str, dict[str, Any]]] = [("status_changed", data | {"by": by})]
+    if target is Status.CLOSED and on_close is not None:
+        events += await on_close(session, ticket.id, now)
+    await repo.add_events(session, ticket.id, now, events)
 
 
 async def change_priority(session: AsyncSession, settings: Settings, number: int,

@@ -63,7 +63,7 @@ async def _start(config: Path, port: int) -> subprocess.Popen[bytes]:
 async def test_kill9_mid_burst_loses_no_acknowledged_mail(db_url: str, tmp_path: Path) -> None:
     port = _free_port()
     config = tmp_path / "deskgate.toml"
-    config.write_text(settings_text(db_url).replace("127.0.0.1:0", f"127.0.0.1:{port}")
+    config.write_text(settings_text(db_url).replace("127.0.0.1:0", f"127.0.0.1:{port}", 1)
                       .replace("max_attachment_bytes = 65536", "max_attachment_bytes = 10000"))
     subprocess.run([sys.executable, "-m", "gateway.cli", "--config", str(config), "db",
                     "upgrade"], check=True, capture_output=True)

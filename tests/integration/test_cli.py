@@ -150,3 +150,18 @@ then.set = { tier = "gold" }
         ["ceo@bigcorp.example"], [1])
     bad = deskgate(config, "ticket", "list", "--field", "tier")
     assert bad.returncode == 1 and "write it as NAME=VALUE" in bad.stderr
+
+
+def test_reports(config: Path) -> None:
+    deskgate(config, "deliver", "--recipient", "support@example.test", stdin=make_mail())
+    tickets = json.loads(deskgate(config, "report", "tickets", "--json").stdout)
+    assert [(r["department"], r["new"], r["closed"]) for r in tickets] == [("support", 1, 0)]
+    assert json.loads(deskgate(config, "report", "csat", "--json").stdout) == []
+    assert json.loads(deskgate(config, "report", "sla", "--json").stdout)[0]["tickets"] == 1
+    assert deskgate(config, "ticket", "status", "1", "on_hold").returncode == 0
+    assert deskgate(config, "ticket", "priority", "1", "high").returncode == 0
+    listed = json.loads(deskgate(config, "ticket", "list", "--json").stdout)[0]
+    assert (listed["status"], listed["priority"]) == ("on_hold", "high")
+    bad = deskgate(config, "report", "csat", "--since", "yesterday")
+    assert (bad.returncode, bad.stderr.strip()) == (
+        1, "deskgate: --since 'yesterday': write a date like 2026-11-01")

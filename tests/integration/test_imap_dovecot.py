@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import shutil
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -13,16 +14,17 @@ import pytest
 import structlog
 from sqlalchemy import func, select, update
 
+from gateway.cli_imap import cmd_imap_status
 from gateway.errors import StoreUnavailable
 from store.models import ImapMailbox, Message, Ticket
 from tests.conftest import need_peer
-from tests.dovecot import USERS, Dovecot
+from tests.dovecot import USERS, Dovecot, binary
 from tests.mailbuild import make_mail
 
 
 @pytest.fixture
 def dovecot() -> Iterator[Dovecot]:
-    if shutil.which("dovecot") is None or shutil.which("doveadm") is None:
+    if binary("dovecot") is None or binary("doveadm") is None:
         need_peer("Dovecot", "dovecot/doveadm not found (apt-get install dovecot-imapd)")
     server = Dovecot()
     try:
@@ -176,7 +178,8 @@ async def test_uidvalidity_change_reimports_nothing_twice(dovecot: Dovecot, make
 
 
 async def test_wrong_password_is_reported_and_other_mailbox_keeps_working(
-        dovecot: Dovecot, make_gateway: Any, tmp_path: Path) -> None:
+        dovecot: Dovecot, make_gateway: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
     dovecot.append(mails(2), user="alice")
     dovecot.append(mails(1, "Bob"), user="bob")
     tables = (imap_table(dovecot, tmp_path, "alice")
@@ -191,6 +194,14 @@ async def test_wrong_password_is_reported_and_other_mailbox_keeps_working(
     alice = await checkpoint(gw, "alice")
     assert alice is not None and alice.last_error is None and alice.last_uid == 2
     assert r"\Seen" not in dovecot.flags(user="bob")[1]
+    capsys.readouterr()
+    assert await cmd_imap_status(gw.settings, argparse.Namespace(json=True)) == 0
+    out = capsys.readouterr().out  # the pollers' log lines share stdout in tests
+    status = {row["name"]: row for row in json.loads(out[out.index("[\n"):])}
+    assert (status["alice"]["last_uid"], status["alice"]["backlog"]) == (2, 0)
+    assert status["alice"]["last_error"] is None and status["alice"]["last_poll"]
+    assert "login as bob refused" in status["bob"]["last_error"]
+    assert status["bob"]["last_poll"] is None  # never fetched successfully
 
 
 async def test_first_import_of_500_mails_in_batches_reports_progress(
@@ -236,3 +247,68 @@ async def _flagged(dovecot: Dovecot, uids: set[int]) -> bool:
 
 async def _in_folder(dovecot: Dovecot, folder: str, n: int) -> bool:
     return len(await asyncio.to_thread(dovecot.flags, "alice", folder)) == n
+
+
+async def test_two_instances_on_postgres_one_poller_and_takeover(
+        dovecot: Dovecot, pg_url: str, tmp_path: Path) -> None:
+    from gateway.service import Gateway
+    from tests.conftest import make_settings
+
+    settings = make_settings(pg_url, extra=imap_table(dovecot, tmp_path))
+    first, second = Gateway(settings), Gateway(settings)
+    second.imap.pollers[0].lock_retry_s = 0.2
+    try:
+        await first.start(port=0)
+        await until(lambda: _polled(first, "alice"))
+        await second.start(port=0)
+        await asyncio.sleep(0.5)
+        assert first.imap.pollers[0]._lock_conn is not None
+        assert second.imap.pollers[0]._lock_conn is None  # waits for the lock
+        await asyncio.to_thread(dovecot.append, mails(1, "One"))
+        await until(lambda: _tickets(first, 1))
+        await first.stop(drain_timeout_s=5)  # the holder goes away: its lock with it
+        await asyncio.to_thread(dovecot.append, mails(1, "Two"))
+        await until(lambda: _tickets(second, 2))
+        assert second.imap.pollers[0]._lock_conn is not None
+        assert await count(second, Message) == 2
+    finally:
+        await first.stop(drain_timeout_s=5)
+        await second.stop(drain_timeout_s=5)
+
+
+@pytest.fixture
+def dovecot_tls() -> Iterator[Dovecot]:
+    if binary("dovecot") is None or binary("openssl") is None:
+        need_peer("Dovecot with TLS", "dovecot or openssl not found")
+    server = Dovecot(tls=True)
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001 — a server that cannot start is a missing peer
+        server.stop()
+        need_peer("Dovecot with TLS", f"cannot start a private instance: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("tls", ["implicit", "starttls"])
+async def test_tls_modes_log_in_and_import(dovecot_tls: Dovecot, make_gateway: Any,
+                                           tmp_path: Path, tls: str) -> None:
+    dovecot_tls.append(mails(1))
+    port = dovecot_tls.tls_port if tls == "implicit" else dovecot_tls.port
+    gw = await make_gateway(extra=imap_table(dovecot_tls, tmp_path, tls=tls, port=port,
+                                             allow_plaintext=False,
+                                             ca_file=str(dovecot_tls.ca_file)))
+    await until(lambda: _tickets(gw, 1))
+    row = await checkpoint(gw, "alice")
+    assert row is not None and row.last_error is None
+
+
+async def test_untrusted_certificate_is_a_clear_error(dovecot_tls: Dovecot, make_gateway: Any,
+                                                      tmp_path: Path) -> None:
+    dovecot_tls.append(mails(1))
+    gw = await make_gateway(extra=imap_table(dovecot_tls, tmp_path, tls="implicit",
+                                             port=dovecot_tls.tls_port, allow_plaintext=False))
+    await until(lambda: _has_error(gw, "alice"))
+    row = await checkpoint(gw, "alice")
+    assert row is not None and "CERTIFICATE_VERIFY_FAILED" in (row.last_error or "")
+    assert await count(gw, Ticket) == 0

@@ -24,7 +24,11 @@ BERLIN = ZoneInfo("Europe/Berlin")
 SUPPORT_SLA = '''slug = "support"
 timezone = "Europe/Berlin"
 default_priority = "medium"
-business_hours = { mon = ["09:00-18:00"], tue = ["09:00-18:00"], wed = ["09:00-18:00"], thu = ["09:00-18:00"], fri = ["09:00-18:00"] }
+business_hours.mon = ["09:00-18:00"]
+business_hours.tue = ["09:00-18:00"]
+business_hours.wed = ["09:00-18:00"]
+business_hours.thu = ["09:00-18:00"]
+business_hours.fri = ["09:00-18:00"]
 holidays = ["2026-12-25"]
 auto_close_waiting_days = 7
 escalation_warning_min = 15

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway.errors import ConfigError
 from gateway.inbound import imap_plan as plan
+from gateway.inbound.imap_client import ImapProblem, read_secret
 from gateway.settings_imap import AfterImport, parse_after_import
 from tests.conftest import make_settings
 
@@ -136,3 +139,24 @@ def test_imap_unknown_department_and_duplicate_names() -> None:
 def test_plaintext_when_allowed() -> None:
     (box,) = make_settings(extra=IMAP + 'tls = "none"\nallow_plaintext = true\n').imap
     assert (box.tls, box.port) == ("none", 143)
+
+
+async def test_secret_from_file_env_or_token_command(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    base = IMAP.replace('password_env = "BOX_PASSWORD"\n', "")
+    (by_file,) = make_settings(extra=base + f'password_file = "{secret}"\n').imap
+    assert await read_secret(by_file) == "s3cret"
+    (by_env,) = make_settings(extra=IMAP).imap
+    monkeypatch.delenv("BOX_PASSWORD", raising=False)
+    with pytest.raises(ImapProblem, match="BOX_PASSWORD is not set"):
+        await read_secret(by_env)
+    monkeypatch.setenv("BOX_PASSWORD", "from-env")
+    assert await read_secret(by_env) == "from-env"
+    (oauth,) = make_settings(extra=base + 'auth = "xoauth2"\ntoken_command = "echo tok-123"\n'
+                             ).imap
+    assert await read_secret(oauth) == "tok-123"
+    (expired,) = make_settings(extra=base + 'auth = "xoauth2"\ntoken_command = "false"\n').imap
+    with pytest.raises(ImapProblem, match="token_command failed"):
+        await read_secret(expired)

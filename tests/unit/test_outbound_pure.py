@@ -247,3 +247,17 @@ def test_outbound_settings_are_read_and_unknown_keys_named() -> None:
     text = str(caught.value)
     assert "outbox.lifetime: is not a known key" in text
     assert "relay.security: must be one of" in text
+
+
+def test_compose_round_trips_non_ascii_and_uses_crlf() -> None:
+    rendered = Renderer().render("ack", "zh", {
+        "customer_name": "张伟", "department": "Support", "ticket_number": 5, "tag": "[#5]",
+        "subject": "退款 request with a subject long enough to be folded over several lines"})
+    out = Outgoing(from_addr="support@example.test", from_name="Süpport", to="z@example.org",
+                   hostname="h", date=T0, tag="[#5]")
+    composed = compose(rendered, out)
+    msg = message_from_bytes(composed.mime, policy=policy.default)
+    assert msg["Subject"] == composed.subject and composed.subject.startswith("[#5] 我们")
+    assert str(msg["From"]) == "Süpport <support@example.test>"
+    assert "张伟您好" in msg.get_body(("plain",)).get_content()
+    assert b"\n" not in composed.mime.replace(b"\r\n", b"")  # RFC 5322 2.3: CRLF only

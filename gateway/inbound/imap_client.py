@@ -1,0 +1,169 @@
+"""IMAP protocol steps over aioimaplib: connect with TLS and login, select, search, fetch,
+and the after-import action. No policy: the poller (inbound/imap.py) decides what to call."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import ssl
+from collections.abc import Sequence
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+from aioimaplib import aioimaplib
+
+from gateway.inbound import imap_plan as plan
+from gateway.settings_imap import ImapSettings
+
+COMMAND_TIMEOUT_S = 60.0
+TOKEN_COMMAND_TIMEOUT_S = 30.0
+
+
+class ImapProblem(Exception):
+    """A readable reason a mailbox cannot be read now (stored in last_error)."""
+
+
+def _text(response: Any) -> str:
+    lines = [bytes(line) for line in response.lines if not isinstance(line, bytearray)]
+    return (lines[-1] if lines else b"").decode("utf-8", "replace")[:200]
+
+
+def _ok(response: Any, what: str) -> Any:
+    if response.result != "OK":
+        raise ImapProblem(f"{what} refused: {response.result} {_text(response)}")
+    return response
+
+
+def _quote(mailbox: str) -> str:
+    """RFC 3501 9 (astring): quote a folder name with spaces or specials."""
+    if mailbox and all(c.isalnum() or c in "._-/" for c in mailbox):
+        return mailbox
+    return '"' + mailbox.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+async def read_secret(cfg: ImapSettings) -> str:
+    """The password (file or environment) or an XOAUTH2 access token (command); never logged."""
+    if cfg.auth == "xoauth2":
+        assert cfg.token_command
+        proc = await asyncio.create_subprocess_exec(
+            *shlex.split(cfg.token_command), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), TOKEN_COMMAND_TIMEOUT_S)
+        token = out.decode().strip()
+        if proc.returncode != 0 or not token:
+            raise ImapProblem(f"token_command failed (exit {proc.returncode}): "
+                              f"{err.decode(errors='replace').strip()[:200]}")
+        return token
+    if cfg.password_file:
+        try:
+            return Path(cfg.password_file).read_text().strip()
+        except OSError as exc:
+            raise ImapProblem(f"password_file {cfg.password_file}: {exc.strerror}") from None
+    value = os.environ.get(cfg.password_env or "")
+    if not value:
+        raise ImapProblem(f"environment variable {cfg.password_env} is not set")
+    return value
+
+
+async def _starttls(client: aioimaplib.IMAP4, host: str, context: ssl.SSLContext) -> None:
+    """RFC 3501 6.2.1: STARTTLS, then forget the capabilities learnt in clear text."""
+    protocol = client.protocol
+    if "STARTTLS" not in protocol.capabilities:
+        raise ImapProblem("the server does not offer STARTTLS")
+    _ok(await protocol.execute(aioimaplib.Command("STARTTLS", protocol.new_tag(),
+                                                  loop=protocol.loop)), "STARTTLS")
+    transport = await protocol.loop.start_tls(protocol.transport, protocol, context,
+                                              server_hostname=host)
+    protocol.transport = transport
+    await protocol.capability()
+
+
+async def connect(cfg: ImapSettings, context: ssl.SSLContext | None = None,
+                  timeout_s: float = COMMAND_TIMEOUT_S) -> aioimaplib.IMAP4:
+    """A logged-in client; TLS as configured (plain text only when the config allows it)."""
+    if context is None and cfg.tls != "none":
+        try:
+            context = ssl.create_default_context(cafile=cfg.ca_file)
+        except OSError as exc:
+            raise ImapProblem(f"ca_file {cfg.ca_file}: {exc.strerror or exc}") from None
+    if cfg.tls == "implicit":
+        client: aioimaplib.IMAP4 = aioimaplib.IMAP4_SSL(cfg.host, cfg.port, timeout=timeout_s,
+                                                        ssl_context=context)
+    else:
+        client = aioimaplib.IMAP4(cfg.host, cfg.port, timeout=timeout_s)
+    try:
+        await client.wait_hello_from_server()
+        if cfg.tls == "starttls":
+            assert context is not None
+            await _starttls(client, cfg.host, context)
+        secret = await read_secret(cfg)
+        if cfg.auth == "xoauth2":
+            response = await client.xoauth2(cfg.user, secret)
+        else:
+            response = await client.login(cfg.user, secret)
+        _ok(response, f"login as {cfg.user}")
+        await client.protocol.capability()  # IDLE, MOVE, UIDPLUS are announced after login
+    except BaseException:
+        close(client)
+        raise
+    return client
+
+
+def close(client: aioimaplib.IMAP4) -> None:
+    transport = getattr(client.protocol, "transport", None)
+    if transport is not None:
+        transport.close()
+
+
+async def select(client: aioimaplib.IMAP4, folder: str) -> int:
+    """SELECT the folder and return its UIDVALIDITY."""
+    response = _ok(await client.select(_quote(folder)), f"SELECT {folder}")
+    uidvalidity = plan.parse_uidvalidity(response.lines)
+    if uidvalidity is None:
+        raise ImapProblem(f"SELECT {folder}: the server sent no UIDVALIDITY")
+    return uidvalidity
+
+
+async def search_uids(client: aioimaplib.IMAP4, after_uid: int) -> list[int]:
+    response = _ok(await client.uid_search("UID", f"{after_uid + 1}:*", charset=None),
+                   "UID SEARCH")
+    return plan.pending_uids(plan.parse_search(response.lines), after_uid)
+
+
+async def fetch(client: aioimaplib.IMAP4, uids: Sequence[int]) -> list[tuple[int, bytes]]:
+    # BODY.PEEK: fetching must not set \Seen; only a committed import may (RFC 3501 6.4.5).
+    response = _ok(await client.uid("fetch", plan.uid_set(uids), "(UID BODY.PEEK[])"),
+                   "UID FETCH")
+    return sorted(plan.parse_fetch(response.lines))
+
+
+async def apply_action(client: aioimaplib.IMAP4, cfg: ImapSettings, uids: str) -> None:
+    """The after-import action on a UID set: flag \\Seen, move, or delete and expunge."""
+    action = cfg.after_import
+    if action.action == "seen":
+        _ok(await client.uid("store", uids, "+FLAGS.SILENT", r"(\Seen)"), "UID STORE \\Seen")
+        return
+    if action.action == "move" and client.has_capability("MOVE"):  # RFC 6851
+        _ok(await client.uid("move", uids, _quote(action.folder)), f"UID MOVE {action.folder}")
+        return
+    if action.action == "move":
+        _ok(await client.uid("copy", uids, _quote(action.folder)), f"UID COPY {action.folder}")
+    _ok(await client.uid("store", uids, "+FLAGS.SILENT", r"(\Deleted)"), "UID STORE \\Deleted")
+    if client.has_capability("UIDPLUS"):  # RFC 4315: expunge only what we deleted
+        _ok(await client.uid("expunge", uids), "UID EXPUNGE")
+    else:
+        _ok(await client.expunge(), "EXPUNGE")
+
+
+async def ensure_folder(client: aioimaplib.IMAP4, folder: str) -> None:
+    """Create the move target; "already exists" is the usual, harmless answer."""
+    await client.create(_quote(folder))
+
+
+async def logout(client: aioimaplib.IMAP4) -> None:
+    with suppress(Exception):
+        if not client.has_pending_idle():
+            await asyncio.wait_for(client.logout(), 2)
+    close(client)
