@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import cli_imap, cli_rules, logs
+from gateway import cli_agents, cli_imap, cli_rules, logs
 from gateway.errors import ConfigError, DeskgateError, StoreUnavailable
 from gateway.ingest.model import Envelope
 from gateway.ingest.pipeline import Outcome, Pipeline
@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(run=cmd_contact)
     _quarantine_parser(sub)
     cli_rules.add_parsers(sub)
+    cli_agents.add_parsers(sub)
     cli_imap.add_parsers(sub)
     outbound_commands.add_parsers(sub)  # outbox, address, catch, dkim, render (issue 4)
     return parser

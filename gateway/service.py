@@ -59,6 +59,7 @@ class Gateway:
                           self.metrics, self.health, self.pipeline.clock)
         self.web_port: int | None = None
         self.web.released = self.outbound._wake  # noqa: SLF001 — held mail may go now
+        self.web.submission = str(settings.submission)
 
     def health(self) -> dict[str, bool]:
         """Every supervised part alive (the web endpoint adds the database check)."""

@@ -28,7 +28,7 @@ from store.models import (
 )
 
 
-def _insert_ignore(session: AsyncSession, table: Any) -> Any:
+def insert_ignore(session: AsyncSession, table: Any) -> Any:
     """INSERT … ON CONFLICT DO NOTHING: safe when another instance inserts the same row."""
     dialect = session.bind.dialect.name if session.bind else "sqlite"
     return (pg_insert if dialect == "postgresql" else sqlite_insert)(table).on_conflict_do_nothing()
@@ -39,7 +39,7 @@ async def sync_departments(session: AsyncSession, departments: Iterable[Any]) ->
     ids: dict[str, int] = {}
     for dept in departments:  # insert-or-ignore: instances starting together must not clash
         values = {"name": dept.name, "language": dept.language, "timezone": dept.timezone}
-        await session.execute(_insert_ignore(session, Department).values(slug=dept.slug,
+        await session.execute(insert_ignore(session, Department).values(slug=dept.slug,
                                                                           **values))
         await session.execute(update(Department).where(Department.slug == dept.slug)
                               .values(**values))
@@ -47,7 +47,7 @@ async def sync_departments(session: AsyncSession, departments: Iterable[Any]) ->
         assert dept_id is not None
         ids[dept.slug] = dept_id
         for email in dept.addresses:
-            await session.execute(_insert_ignore(session, Address).values(
+            await session.execute(insert_ignore(session, Address).values(
                 email=email, department_id=dept_id, verification_state="pending"))
             await session.execute(update(Address).where(Address.email == email)
                                   .values(department_id=dept_id))
@@ -102,7 +102,7 @@ async def is_participant(session: AsyncSession, ticket_id: int, email: str) -> b
 
 async def upsert_contact(session: AsyncSession, email: str, name: str, now: datetime,
                          account_id: int | None = None) -> int:
-    await session.execute(_insert_ignore(session, Contact).values(
+    await session.execute(insert_ignore(session, Contact).values(
         email=email, name=name, created_at=now, account_id=account_id))
     contact_id = await session.scalar(select(Contact.id).where(Contact.email == email))
     assert contact_id is not None
@@ -113,7 +113,7 @@ async def upsert_contact(session: AsyncSession, email: str, name: str, now: date
 
 
 async def put_raw(session: AsyncSession, sha256: str, content: bytes, now: datetime) -> None:
-    await session.execute(_insert_ignore(session, Raw).values(
+    await session.execute(insert_ignore(session, Raw).values(
         sha256=sha256, content=content, size=len(content), created_at=now))
 
 
@@ -172,11 +172,11 @@ async def ensure_account(session: AsyncSession, name: str, domains: Iterable[str
                          now: datetime) -> int:
     """The account of that name (made if new) owning these domains; insert-or-ignore so
     instances creating the same company at once agree."""
-    await session.execute(_insert_ignore(session, Account).values(name=name, created_at=now))
+    await session.execute(insert_ignore(session, Account).values(name=name, created_at=now))
     account_id = await session.scalar(select(Account.id).where(Account.name == name))
     assert account_id is not None
     for domain in domains:
-        await session.execute(_insert_ignore(session, AccountDomain).values(
+        await session.execute(insert_ignore(session, AccountDomain).values(
             domain=domain, account_id=account_id))
     return account_id
 

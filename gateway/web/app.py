@@ -14,14 +14,15 @@ from typing import Any
 import jinja2
 import structlog
 from aiohttp import web
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
+from gateway.agents import hash_password
+from gateway.outbound.verify import mark_verified
 from gateway.web.metrics import Metrics
 from gateway.web.tokens import TokenError, verify
 from store.engine import Store
-from gateway.outbound.verify import mark_verified
-from store.models import Address, Department, Rating, Ticket
+from store.models import Address, Agent, Department, Rating, Ticket
 
 log = structlog.get_logger("deskgate.web")
 VALUES = ("good", "okay", "bad")
@@ -44,9 +45,12 @@ class WebApp:
             web.get("/healthz", self.healthz), web.get("/metrics", self.prometheus),
             web.get("/rate/{token}/{value}", self.rate),
             web.post("/rate/{token}/{value}", self.comment),
-            web.get("/verify/{code}", self.verify_address)])
+            web.get("/verify/{code}", self.verify_address),
+            web.get("/invite/{token}", self.invitation),
+            web.post("/invite/{token}", self.set_password)])
         self.runner: web.AppRunner | None = None
         self.released: Callable[[], None] | None = None  # wakes the relay worker
+        self.submission = "127.0.0.1:2587"  # shown to agents for their mail client
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         self.runner = web.AppRunner(self.app, access_log=None)
@@ -104,6 +108,50 @@ class WebApp:
         if self.released is not None:
             self.released()
         return self._page("verified", None, address=email, released=released)
+
+    async def _invited(self, request: web.Request) -> Agent | web.Response:
+        """The agent an invitation names, while it is unused and fresh."""
+        try:
+            agent_id = verify("invite", request.match_info["token"], self.keys, self.clock())
+        except TokenError as exc:  # an old invitation reads like a used one: ask for a new one
+            return self._page("refused", None, 410 if exc.reason == "expired" else 403,
+                              reason="used" if exc.reason == "expired" else exc.reason)
+        async with self.store.sessions() as session:
+            agent = await session.get(Agent, int(agent_id))
+        if agent is None or not agent.active or agent.credential_hash is not None:
+            return self._page("refused", None, 410, reason="used")
+        return agent
+
+    async def invitation(self, request: web.Request) -> web.Response:
+        agent = await self._invited(request)
+        if isinstance(agent, web.Response):
+            return agent
+        return self._page("invite", None, agent=agent, submission=self.submission, error="",
+                          action=request.path)
+
+    async def set_password(self, request: web.Request) -> web.Response:
+        agent = await self._invited(request)
+        if isinstance(agent, web.Response):
+            return agent
+        form = await request.post()
+        password, again = str(form.get("password", "")), str(form.get("again", ""))
+        error = "mismatch" if password != again else ""
+        if not error:
+            try:
+                hashed = hash_password(password)
+            except ValueError:
+                error = "short"
+        if error:
+            return self._page("invite", None, 400, agent=agent, submission=self.submission,
+                              error=error, action=request.path)
+        async with self.store.transaction() as session:  # only while still unset: single use
+            result = await session.execute(update(Agent).where(
+                Agent.id == agent.id, Agent.credential_hash.is_(None)).values(
+                credential_hash=hashed))
+        if not result.rowcount:
+            return self._page("refused", None, 410, reason="used")
+        log.info("web.password_set", agent=agent.email)
+        return self._page("invited", None, agent=agent, submission=self.submission)
 
     async def _ticket(self, request: web.Request) -> tuple[Ticket, str] | web.Response:
         value = request.match_info["value"]
