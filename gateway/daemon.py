@@ -82,7 +82,7 @@ class Daemon:
         query = select(func.count(Message.id)).where(Message.direction == "in",
                                                      Message.received_at >= midnight)
         try:
-            async with self.gateway.store.sessions() as session:
+            async with self.gateway.store.read() as session:
                 count = await asyncio.wait_for(session.scalar(query), STATUS_QUERY_TIMEOUT_S)
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             return f"store unavailable ({type(exc).__name__})"

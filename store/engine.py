@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+READ_ONLY = "deskgate_read_only"
 SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
     # FULL: a commit is on disk before we answer 250 (DESIGN 4), even across power loss.
@@ -39,7 +40,9 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers take a plain (deferred) BEGIN: in WAL mode they never wait for the writer.
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def make_engine(url: str) -> AsyncEngine:
@@ -70,6 +73,13 @@ class Store:
         async with self._write_lock or nullcontext():
             async with self.sessions() as session, session.begin():
                 yield session
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A read-only snapshot: never queues behind writers, never holds the write lock."""
+        async with self.sessions() as session:
+            await session.connection(execution_options={READ_ONLY: True})
+            yield session
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -262,7 +262,7 @@ class Pipeline:
         if mail is None or mail.fatal:
             return {"outcome": Outcome.QUARANTINED.value, "reason": failure or mail and mail.fatal}
         ctx = self._context(raw, sha, envelope, mail, routes)
-        async with self.store.sessions() as session:  # rolled back on close
+        async with self.store.read() as session:  # rolled back on close
             if await repo.find_by_fingerprint(session, ctx.fingerprint) is not None:
                 return {"outcome": Outcome.DUPLICATE.value, "reason": "already stored"}
             threading, decision, _ = await self._decide(session, ctx)

@@ -126,7 +126,9 @@ class RelayWorker:
         return total
 
     async def _send_batch(self, rows: list[queue.Claimed]) -> None:
-        per = self.outbound.relay.max_per_connection
+        # Spread the batch over up to `concurrency` connections, each reused for its share.
+        relay = self.outbound.relay
+        per = max(1, min(relay.max_per_connection, -(-len(rows) // relay.concurrency)))
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
         limit = asyncio.Semaphore(self.outbound.relay.concurrency)
 

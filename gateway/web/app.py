@@ -69,7 +69,7 @@ class WebApp:
     async def healthz(self, request: web.Request) -> web.Response:
         checks = dict(self.health())
         try:
-            async with self.store.sessions() as session:
+            async with self.store.read() as session:
                 await session.execute(text("SELECT 1"))
             checks["database"] = True
         except (SQLAlchemyError, OSError):
@@ -78,7 +78,7 @@ class WebApp:
         return web.json_response({"ok": status == 200, "checks": checks}, status=status)
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        async with self.store.sessions() as session:
+        async with self.store.read() as session:
             body = await self.metrics.render(session)
         return web.Response(body=body, content_type="text/plain", charset="utf-8",
                             headers={"X-Content-Type-Options": "nosniff"})
@@ -116,7 +116,7 @@ class WebApp:
         except TokenError as exc:  # an old invitation reads like a used one: ask for a new one
             return self._page("refused", None, 410 if exc.reason == "expired" else 403,
                               reason="used" if exc.reason == "expired" else exc.reason)
-        async with self.store.sessions() as session:
+        async with self.store.read() as session:
             agent = await session.get(Agent, int(agent_id))
         if agent is None or not agent.active or agent.credential_hash is not None:
             return self._page("refused", None, 410, reason="used")
@@ -163,7 +163,7 @@ class WebApp:
                               "expired" else 403, reason=exc.reason)
         if value not in VALUES:
             return self._page("refused", None, 404, reason="invalid")
-        async with self.store.sessions() as session:
+        async with self.store.read() as session:
             row = (await session.execute(select(Ticket, Department.name).join(
                 Department, Department.id == Ticket.department_id).where(
                 Ticket.number == int(number)))).first()

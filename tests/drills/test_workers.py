@@ -1,0 +1,66 @@
+"""`deskgate serve --workers 2`: two processes share the port, and stop together on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from store.engine import Store
+from store.models import Ticket
+from tests.conftest import settings_text
+from tests.drills.test_kill9 import _free_port
+from tests.mailbuild import make_mail, send
+
+pytestmark = pytest.mark.drill
+
+
+async def _start(config: Path, port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "--config", str(config),
+                                "serve", "--workers", "2"], stderr=subprocess.DEVNULL)
+    for _ in range(400):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return process
+        except OSError:
+            if process.poll() is not None:
+                raise AssertionError(f"deskgate exited with {process.returncode}") from None
+            await asyncio.sleep(0.05)
+    raise AssertionError("deskgate did not start listening")
+
+
+def _workers(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+async def test_two_workers_share_the_port_and_stop_cleanly(db_url: str, tmp_path: Path) -> None:
+    port = _free_port()
+    config = tmp_path / "deskgate.toml"
+    config.write_text(settings_text(db_url).replace("127.0.0.1:0", f"127.0.0.1:{port}", 1))
+    subprocess.run([sys.executable, "-m", "gateway.cli", "--config", str(config), "db",
+                    "upgrade"], check=True, capture_output=True)
+    supervisor = await _start(config, port)
+    try:
+        for _ in range(100):  # both workers up before the mails go out
+            if len(_workers(supervisor.pid)) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(_workers(supervisor.pid)) == 2
+        replies = await asyncio.gather(*(send(port, make_mail(subject=f"Worker {i}"))
+                                         for i in range(12)))
+        assert [r.code for r in replies] == [250] * 12
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=60) == 0
+    store = Store(db_url)
+    try:
+        async with store.transaction() as session:
+            assert await session.scalar(select(func.count(Ticket.id))) == 12
+    finally:
+        await store.dispose()
