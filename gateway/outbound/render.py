@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
 
-TEMPLATES = Path(__file__).parent / "templates"
+from gateway.paths import templates_dir
+
+TEMPLATES = templates_dir()
 EVENTS = ("ack", "agent_reply", "rating_request", "verification", "invite", "notification")
 SHIPPED = ("en", "de", "nl", "zh")
 

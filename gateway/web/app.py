@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from gateway.agents import hash_password
 from gateway.outbound.verify import mark_verified
+from gateway.paths import templates_dir
 from gateway.web.metrics import Metrics
 from gateway.web.tokens import TokenError, verify
 from store.engine import Store
@@ -27,7 +28,7 @@ from store.models import Address, Agent, Department, Rating, Ticket
 log = structlog.get_logger("deskgate.web")
 VALUES = ("good", "okay", "bad")
 LANGUAGES = ("en", "de", "nl", "zh")
-PAGES = Path(__file__).resolve().parents[2] / "templates" / "pages"
+PAGES = templates_dir() / "pages"
 MAX_COMMENT = 4000
 
 

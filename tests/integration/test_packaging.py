@@ -19,9 +19,10 @@ def test_wheel_ships_migrations_templates_and_the_command(tmp_path: Path) -> Non
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "store/migrations/env.py" in names
     assert any(n.startswith("store/migrations/versions/0001_") for n in names)
-    source_templates = {str(p.relative_to(ROOT)) for p in
-                        (ROOT / "gateway" / "outbound" / "templates").glob("*/*.j2")}
-    assert source_templates and source_templates <= names
+    data = next(n.split("/data/")[0] for n in names if "/data/share/deskgate/" in n)
+    source_templates = {f"{data}/data/share/deskgate/{p.relative_to(ROOT)}" for p in
+                        (ROOT / "templates").glob("**/*.j2")}
+    assert len(source_templates) > 60 and source_templates <= names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "deskgate = gateway.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
