@@ -294,7 +294,8 @@ def main() -> None:
     results["machine"] = {"cpus": os.cpu_count(), "load_start": load0, "load_end": load1,
                           "cpu_busy_pct": 100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
                           "seconds": time.time() - started}
-    print(f"\n{results['machine']['seconds']:.0f} s; all CPUs {results['machine']['cpu_busy_pct']:.0f}% "
+    machine = results["machine"]
+    print(f"\n{machine['seconds']:.0f} s; all CPUs {machine['cpu_busy_pct']:.0f}% "
           f"busy on average; load {load0[0]:.2f} -> {load1[0]:.2f}")
     out = ROOT / "var" / "bench"
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import cli_agents, cli_imap, cli_rules, logs
@@ -19,34 +19,20 @@ from gateway.errors import ConfigError, DeskgateError, StoreUnavailable
 from gateway.ingest.model import Envelope
 from gateway.ingest.pipeline import Outcome, Pipeline
 from gateway.outbound import commands as outbound_commands
-from gateway.settings import Settings, find_config, load_settings
 from gateway.outbound.rating import RatingMail
 from gateway.outbound.render import Renderer
+from gateway.output import print_json, print_table
+from gateway.settings import Settings, find_config, load_settings
 from gateway.tickets import actions
 from gateway.tickets.lifecycle import Status
 from gateway.tickets.sla_config import PRIORITIES
-from store import queries, repo
+from store import queries
 from store.engine import Store
 from store.migrate import upgrade
-from store.models import Quarantine, Raw, Ticket
+from store.models import Quarantine, Raw
 
 EX_NOUSER = 67  # sysexits.h: the MTA bounces the mail for this recipient
 EX_TEMPFAIL = 75  # sysexits.h: the MTA keeps the mail and retries
-
-
-def _print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
-    sys.stdout.write("\n")
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    if not rows:
-        print("(none)")
-        return
-    widths = {c: min(48, max(len(c), *(len(str(r.get(c) or "")) for r in rows))) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
-    for row in rows:
-        print("  ".join(str(row.get(c) or "")[:48].ljust(widths[c]) for c in columns))
 
 
 async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[int]]) -> int:
@@ -115,13 +101,13 @@ async def cmd_ticket(settings: Settings, args: argparse.Namespace) -> int:
                 rows = await queries.list_tickets(session, args.status, args.department,
                                                   overdue_at=now if args.overdue else None,
                                                   fields=_field_filters(args.field))
-                _print_json(rows) if args.json else _table(rows, [
+                print_json(rows) if args.json else print_table(rows, [
                     "number", "status", "priority", "department", "contact", "due_at",
                     "subject"])
                 return 0
             if args.action == "show":
                 detail = await queries.ticket_detail(session, args.number)
-                _print_json(detail) if args.json else _print_ticket(detail, args.full)
+                print_json(detail) if args.json else _print_ticket(detail, args.full)
                 return 0
             if args.action == "priority":
                 await actions.change_priority(session, settings, args.number, args.priority,
@@ -189,11 +175,12 @@ async def cmd_contact(settings: Settings, args: argparse.Namespace) -> int:
         async with store.transaction() as session:
             detail = await queries.contact_detail(session, args.email)
         if args.json:
-            _print_json(detail)
+            print_json(detail)
         else:
             print(f"{detail['name'] or '(no name)'} <{detail['email']}>, "
                   f"known since {detail['created_at']}")
-            _table(detail["tickets"], ["number", "status", "department", "messages", "subject"])
+            print_table(detail["tickets"],
+                        ["number", "status", "department", "messages", "subject"])
         return 0
 
     return await _with_store(settings, work)
@@ -204,7 +191,7 @@ async def cmd_quarantine(settings: Settings, args: argparse.Namespace) -> int:
         if args.action == "list":
             async with store.transaction() as session:
                 rows = await queries.list_quarantine(session, None if args.all else "held")
-            _print_json(rows) if args.json else _table(
+            print_json(rows) if args.json else print_table(
                 rows, ["id", "state", "received_at", "envelope_from", "reason"])
             return 0
         async with store.transaction() as session:
@@ -215,7 +202,7 @@ async def cmd_quarantine(settings: Settings, args: argparse.Namespace) -> int:
             if args.raw:
                 sys.stdout.buffer.write(raw.content)
             else:
-                _print_json(queries.quarantine_view(entry) | {"size": raw.size})
+                print_json(queries.quarantine_view(entry) | {"size": raw.size})
             return 0
         return await _reprocess(settings, store, entry, raw.content)
 
@@ -283,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     _ticket_parser(sub)
     report = sub.add_parser("report", help="reports").add_subparsers(dest="action", required=True)
     sla = report.add_parser("sla", help="share of tickets meeting their SLA targets")
-    sla.add_argument("--since", metavar="YYYY-MM-DD", help="tickets created since (default: 30 days)")
+    sla.add_argument("--since", metavar="YYYY-MM-DD",
+                     help="tickets created since (default: 30 days)")
     sla.add_argument("--json", action="store_true")
     sla.set_defaults(run=cmd_report)
     csat = report.add_parser("csat", help="satisfaction ratings: counts, Good share, comments")
@@ -325,13 +313,13 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 rows = await queries.sla_report(session, since, now)
         if args.json:
-            _print_json(rows)
+            print_json(rows)
             return 0
         if args.action != "sla":
             _print_report(args.action, rows, args.by if args.action == "csat" else "")
             return 0
         print(f"SLA since {since.date().isoformat()}")
-        _table([{"department": r["department"], "priority": r["priority"],
+        print_table([{"department": r["department"], "priority": r["priority"],
                  "tickets": r["tickets"], **{f"{t}_met": _share(r[t]) for t in
                                              ("first_response", "resolution")}} for r in rows],
                ["department", "priority", "tickets", "first_response_met", "resolution_met"])
@@ -342,9 +330,9 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
 
 def _print_report(kind: str, rows: list[dict[str, Any]], by: str) -> None:
     if kind == "tickets":
-        _table(rows, ["department", "new", "reopened", "closed", "median_first_response_min"])
+        print_table(rows, ["department", "new", "reopened", "closed", "median_first_response_min"])
         return
-    _table([r | {"score": "-" if r["score"] is None else f"{r['score']:.0%}"} for r in rows],
+    print_table([r | {"score": "-" if r["score"] is None else f"{r['score']:.0%}"} for r in rows],
            [by, "ratings", "good", "okay", "bad", "score"])
     for row in rows:
         for item in row["comments"]:

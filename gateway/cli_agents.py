@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,6 +15,7 @@ from gateway.ingest.identify import normalize_address
 from gateway.outbound import queue
 from gateway.outbound.compose import Outgoing, compose
 from gateway.outbound.render import Renderer
+from gateway.output import print_json
 from gateway.settings import Settings
 from gateway.web.tokens import link_keys, sign
 from store import repo
@@ -138,8 +137,7 @@ async def cmd_agent(settings: Settings, args: argparse.Namespace) -> int:
 
 def _output(data: Any, as_json: bool) -> None:
     if as_json:
-        json.dump(data, sys.stdout, indent=2, ensure_ascii=False)
-        sys.stdout.write("\n")
+        print_json(data)
         return
     for row in data if isinstance(data, list) else [data]:
         state = "active" if row["active"] else "disabled"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,15 +12,11 @@ from sqlalchemy import select, update
 from gateway.errors import DeskgateError, NotFound
 from gateway.ingest.model import Envelope
 from gateway.ingest.pipeline import Pipeline
+from gateway.output import print_json
 from gateway.settings import Settings
 from store import queries, repo
 from store.engine import Store
 from store.models import Account, AccountDomain, Contact, Ticket
-
-
-def _dump(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
-    sys.stdout.write("\n")
 
 
 async def cmd_rules_test(settings: Settings, args: argparse.Namespace) -> int:
@@ -38,7 +32,7 @@ async def cmd_rules_test(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         await store.dispose()
     if args.json:
-        _dump(result)
+        print_json(result)
         return 0
     print(f"{args.mail} to {recipient}: {result['outcome']} ({result.get('reason') or ''})")
     for key in ("kind", "sender", "classification", "rules_fired", "rule_errors", "ticket"):
@@ -59,14 +53,14 @@ async def cmd_account(settings: Settings, args: argparse.Namespace) -> int:
                 return 0
             if args.action == "list":
                 rows = await _list(session)
-                _dump(rows) if args.json else [print(f"{r['name']}: {', '.join(r['domains'])}")
+                print_json(rows) if args.json else [print(f"{r['name']}: {', '.join(r['domains'])}")
                                                for r in rows]
                 return 0
             detail = await _show(session, args.name)
     finally:
         await store.dispose()
     if args.json:
-        _dump(detail)
+        print_json(detail)
     else:
         print(f"Account {detail['name']}: {', '.join(detail['domains'])}")
         for contact in detail["contacts"]:

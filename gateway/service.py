@@ -14,16 +14,16 @@ import structlog
 
 from gateway.daemon import Daemon
 from gateway.errors import DeskgateError
-from gateway.inbound.smtp import InboundHandler, start_inbound
 from gateway.inbound.imap import ImapPollers
+from gateway.inbound.smtp import InboundHandler, start_inbound
 from gateway.ingest.pipeline import Pipeline
-from gateway.outbound.service import Outbound
 from gateway.outbound.rating import RatingMail
+from gateway.outbound.service import Outbound
 from gateway.scheduler import Scheduler
+from gateway.settings import Settings, load_settings
 from gateway.web.app import WebApp
 from gateway.web.metrics import Metrics
 from gateway.web.tokens import link_keys
-from gateway.settings import Settings, load_settings
 from store.engine import Store
 from store.migrate import pending
 

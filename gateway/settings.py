@@ -13,12 +13,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from email_validator import EmailNotValidError, validate_email
 
 from gateway.errors import ConfigError
+from gateway.outbound.config import RELAY_KEYS, SECTIONS, OutboundSettings, read_outbound
+from gateway.settings_imap import ImapSettings, parse_imap
 from gateway.settings_rules import KEYS as RULES_KEYS
 from gateway.settings_rules import RulesSettings, parse_rules_settings
 from gateway.tickets.sla_config import KEYS as SLA_KEYS
 from gateway.tickets.sla_config import DepartmentSla, parse_department_sla
-from gateway.settings_imap import ImapSettings, parse_imap
-from gateway.outbound.config import RELAY_KEYS, SECTIONS, OutboundSettings, read_outbound
 
 DEFAULT_CONFIG_PATHS = ("/etc/deskgate/deskgate.toml", "config/deskgate.dev.toml")
 LANGUAGES = ("en", "de", "nl", "zh")
@@ -157,7 +157,8 @@ class _Reader:
 
 
 _REQUIRED = object()
-_KIND_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "a table", bool: "true/false"}
+_KIND_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "a table",
+               bool: "true/false"}
 
 
 def _listen(r: _Reader, table: dict[str, Any], prefix: str, default: str) -> Listen:

@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import functools
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Envelope as SMTPEnvelope, Session
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from gateway.errors import StoreUnavailable
 from gateway.ingest.addresses import RouteKind
 from gateway.ingest.model import Envelope
 from gateway.ingest.pipeline import Outcome, Pipeline
-from gateway.web.metrics import Metrics
 from gateway.replies import (
     R250_DUPLICATE,
     R250_QUARANTINED,
@@ -26,6 +26,7 @@ from gateway.replies import (
     R554_RELAY_DENIED,
     stored,
 )
+from gateway.web.metrics import Metrics
 
 log = structlog.get_logger("deskgate.smtp")
 

@@ -15,7 +15,14 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.errors import StoreUnavailable
-from gateway.ingest.addresses import Directory, Route, RouteKind, find_tag, route_recipient, tag_pattern
+from gateway.ingest.addresses import (
+    Directory,
+    Route,
+    RouteKind,
+    find_tag,
+    route_recipient,
+    tag_pattern,
+)
 from gateway.ingest.identify import (
     ThreadDecision,
     ThreadEvidence,

@@ -114,7 +114,8 @@ def mailer_daemon_sender(mail: ParsedMail, envelope: Envelope,
 def bounce_body(mail: ParsedMail, envelope: Envelope, own: frozenset[str]) -> RuleHit | None:
     if _FORWARD_OR_REPLY.match(mail.subject) or is_success_only(mail):
         return None  # a customer forwarding a bounce to us wants help with it
-    sender_is_robot = envelope.mail_from in ("", "<>") or _POSTMASTER.search(mail.header("from") or "")
+    sender_is_robot = envelope.mail_from in ("", "<>") or \
+        _POSTMASTER.search(mail.header("from") or "")
     match = _BOUNCE_BODY.search(mail.text, 0, 1500)
     if match and (sender_is_robot or _report_type(mail) is not None):
         return RuleHit("bounce-body", f"MTA text {match.group(0)!r}")

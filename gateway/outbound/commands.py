@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -12,27 +11,13 @@ from typing import Any
 from gateway.errors import DeskgateError
 from gateway.outbound import dkim, queue, verify
 from gateway.outbound.render import EVENTS, SHIPPED, Renderer
+from gateway.output import print_json, print_table
 from gateway.settings import Settings
 from store import repo
 from store.engine import Store
 
 DEV_CONFIG_NAME = "deskgate.dev.toml"
 STATES = ("queued", "retry", "sending", "sent", "failed", "held", "shunted", "bounced")
-
-
-def _json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, ensure_ascii=False, default=str)
-    sys.stdout.write("\n")
-
-
-def _table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    if not rows:
-        print("(none)")
-        return
-    widths = {c: min(48, max(len(c), *(len(str(r.get(c) or "")) for r in rows))) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
-    for row in rows:
-        print("  ".join(str(row.get(c) or "")[:48].ljust(widths[c]) for c in columns))
 
 
 async def _store_work(settings: Settings, work: Any) -> int:
@@ -50,7 +35,7 @@ async def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
     async def work(session: Any) -> int:
         if args.action == "list":
             rows = await queue.listing(session, args.state)
-            _json(rows) if args.json else _table(rows, [
+            print_json(rows) if args.json else print_table(rows, [
                 "id", "state", "kind", "to", "attempts", "next_attempt_at", "last_error"])
             return 0
         states = ("failed", "bounced", "retry") if args.action == "retry" else ("shunted",)
@@ -69,7 +54,7 @@ async def cmd_address(settings: Settings, args: argparse.Namespace) -> int:
         await repo.sync_departments(session, settings.departments)  # config addresses exist
         if args.action == "list":
             rows = await verify.listing(session)
-            _json(rows) if args.json else _table(
+            print_json(rows) if args.json else print_table(
                 rows, ["email", "department", "state", "verified_at"])
             return 0
         if args.action == "add":

@@ -45,10 +45,11 @@ def _mail(i: int) -> bytes:
             "\r\n\r\nx,y\r\n1,2\r\n--b--\r\n").encode()
 
 
-async def _start(config: Path, port: int) -> subprocess.Popen[bytes]:
+async def _start(config: Path, port: int, *serve_args: str) -> subprocess.Popen[bytes]:
+    """`deskgate serve` in its own process, returned once its port answers."""
     process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "--config", str(config),
-                                "serve"], stderr=subprocess.DEVNULL)
-    for _ in range(200):
+                                "serve", *serve_args], stderr=subprocess.DEVNULL)
+    for _ in range(400):
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.close()

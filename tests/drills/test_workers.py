@@ -14,25 +14,10 @@ from sqlalchemy import func, select
 from store.engine import Store
 from store.models import Ticket
 from tests.conftest import settings_text
-from tests.drills.test_kill9 import _free_port
+from tests.drills.test_kill9 import _free_port, _start
 from tests.mailbuild import make_mail, send
 
 pytestmark = pytest.mark.drill
-
-
-async def _start(config: Path, port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "--config", str(config),
-                                "serve", "--workers", "2"], stderr=subprocess.DEVNULL)
-    for _ in range(400):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return process
-        except OSError:
-            if process.poll() is not None:
-                raise AssertionError(f"deskgate exited with {process.returncode}") from None
-            await asyncio.sleep(0.05)
-    raise AssertionError("deskgate did not start listening")
 
 
 def _workers(pid: int) -> list[int]:
@@ -45,7 +30,7 @@ async def test_two_workers_share_the_port_and_stop_cleanly(db_url: str, tmp_path
     config.write_text(settings_text(db_url).replace("127.0.0.1:0", f"127.0.0.1:{port}", 1))
     subprocess.run([sys.executable, "-m", "gateway.cli", "--config", str(config), "db",
                     "upgrade"], check=True, capture_output=True)
-    supervisor = await _start(config, port)
+    supervisor = await _start(config, port, "--workers", "2")
     try:
         for _ in range(100):  # both workers up before the mails go out
             if len(_workers(supervisor.pid)) == 2:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from gateway.service import Gateway
 from store.engine import Store
@@ -21,6 +20,7 @@ from store.models import Message
 from tests import postfix as pf
 from tests.conftest import make_settings, need_peer
 from tests.daemon import free_port
+from tests.faults import store_fails
 from tests.mailbuild import make_mail, send
 
 pytestmark = pytest.mark.postfix
@@ -73,29 +73,6 @@ def _queue_empty(postfix: pf.PrivatePostfix) -> Callable[[], Awaitable[bool]]:
     return check
 
 
-@asynccontextmanager
-async def _store_fails(store: Store) -> AsyncIterator[None]:
-    """Every insert into messages fails, as in test_smtp_inbound: deskgate answers 451."""
-    async with store.transaction() as session:
-        if store.is_sqlite:
-            await session.execute(text("CREATE TRIGGER fail_messages BEFORE INSERT ON messages "
-                                       "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"))
-        else:
-            await session.execute(text(
-                "CREATE FUNCTION fail_messages() RETURNS trigger AS $$ BEGIN "
-                "RAISE EXCEPTION 'injected failure'; END $$ LANGUAGE plpgsql"))
-            await session.execute(text("CREATE TRIGGER fail_messages BEFORE INSERT ON messages "
-                                       "FOR EACH ROW EXECUTE FUNCTION fail_messages()"))
-    try:
-        yield
-    finally:
-        async with store.transaction() as session:
-            await session.execute(text("DROP TRIGGER fail_messages" +
-                                       ("" if store.is_sqlite else " ON messages")))
-            if not store.is_sqlite:
-                await session.execute(text("DROP FUNCTION fail_messages()"))
-
-
 async def test_mail_sent_to_postfix_reaches_a_ticket(make_gateway: Any, postfix: Any) -> None:
     gw = await make_gateway()
     mta = postfix(gw.inbound_port)
@@ -114,7 +91,7 @@ async def test_postfix_keeps_mail_while_deskgate_answers_451_and_delivers_it_onc
         make_gateway: Any, postfix: Any) -> None:
     gw = await make_gateway()
     mta = postfix(gw.inbound_port)
-    async with _store_fails(gw.store):
+    async with store_fails(gw.store):
         assert (await send(mta.smtpd_port, make_mail(subject="Retried"))).code == 250
         await _until(_deferred_because(mta, "451 4.3.0"), "Postfix to defer on 451")
     assert await _inbound(gw.store, "Retried") == 0

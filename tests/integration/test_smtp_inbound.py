@@ -8,12 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from gateway.ingest.addresses import reply_address
 from store import queries
 from store.models import Attachment, Event, Message, Quarantine, Raw, Ticket
 from tests.conftest import SECRET
+from tests.faults import store_fails
 from tests.mailbuild import make_mail, send
 
 
@@ -162,24 +163,8 @@ async def test_too_big_mail_is_refused_at_end_of_data(make_gateway: Any) -> None
 async def test_store_failure_mid_transaction_answers_451_and_keeps_nothing(
         make_gateway: Any) -> None:
     gw = await make_gateway()
-    async with gw.store.transaction() as session:
-        if gw.store.is_sqlite:
-            await session.execute(text("CREATE TRIGGER fail_messages BEFORE INSERT ON messages "
-                                       "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"))
-        else:
-            await session.execute(text(
-                "CREATE FUNCTION fail_messages() RETURNS trigger AS $$ BEGIN "
-                "RAISE EXCEPTION 'injected failure'; END $$ LANGUAGE plpgsql"))
-            await session.execute(text("CREATE TRIGGER fail_messages BEFORE INSERT ON messages "
-                                       "FOR EACH ROW EXECUTE FUNCTION fail_messages()"))
-    try:
+    async with store_fails(gw.store):
         reply = await send(gw.inbound_port, make_mail())
-    finally:
-        async with gw.store.transaction() as session:
-            await session.execute(text("DROP TRIGGER fail_messages" +
-                                       ("" if gw.store.is_sqlite else " ON messages")))
-            if not gw.store.is_sqlite:
-                await session.execute(text("DROP FUNCTION fail_messages()"))
     assert (reply.code, reply.stage) == (451, "data")
     assert reply.message.startswith("4.3.0")
     assert "injected" not in reply.message
