@@ -226,6 +226,18 @@ async def _reprocess(settings: Settings, store: Store, entry: Quarantine, raw: b
     return 0
 
 
+async def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.doctor import run_checks
+
+    async def work(store: Store) -> int:
+        checks = await run_checks(settings, store)
+        for check in checks:
+            print(check)
+        return 1 if any(c.state == "FAIL" for c in checks) else 0
+
+    return await _with_store(settings, work)
+
+
 async def cmd_check_config(settings: Settings, args: argparse.Namespace) -> int:
     if problems := outbound_commands.check_dev_flags(settings):
         raise ConfigError(problems)
@@ -260,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file")
     check.add_argument("path", nargs="?", help="file to check (default: --config)")
     check.set_defaults(run=cmd_check_config)
+    sub.add_parser("doctor", help="check a live setup: database, addresses, relay, DKIM/DNS"
+                   ).set_defaults(run=cmd_doctor)
     db = sub.add_parser("db", help="database schema").add_subparsers(dest="action", required=True)
     db.add_parser("upgrade", help="apply migrations").set_defaults(run=cmd_db_upgrade)
     deliver = sub.add_parser("deliver", help="ingest one mail from stdin (MTA pipe delivery)")
