@@ -107,6 +107,8 @@ class RelayWorker:
             except Exception:  # noqa: BLE001 — the store may be down; try again later
                 log.exception("outbox.loop_error")
             self._wake.clear()
+            if self._stopping.is_set():  # stop() came while we sent: its wake was just cleared
+                break
             try:
                 await asyncio.wait_for(self._wake.wait(), self.outbound.outbox.poll_interval_s)
             except TimeoutError:
