@@ -17,6 +17,7 @@ from gateway.outbound.compose import Outgoing, compose
 from gateway.outbound.render import Renderer
 from gateway.output import print_json
 from gateway.settings import Settings
+from gateway.tickets.assignment import pick_owner
 from gateway.web.tokens import link_keys, sign
 from store import repo
 from store.engine import Store
@@ -94,13 +95,11 @@ async def _change(session: AsyncSession, settings: Settings, args: argparse.Name
     agent = await _agent(session, args.email)
     if args.action == "disable":
         agent.active = False
-        owned = list(await session.scalars(select(Ticket.id).where(
-            Ticket.owner_id == agent.id, Ticket.status != "closed")))
-        await session.execute(update(Ticket).where(Ticket.id.in_(owned)).values(owner_id=None))
-        for ticket_id in owned:  # back to the department's queue, with the reason on record
-            await repo.add_events(session, ticket_id, now, [(
-                "owner_removed", {"agent": agent.email, "reason": "agent disabled"})])
-        return f"disabled {agent.email}; {len(owned)} open ticket(s) are unowned again"
+        await session.flush()
+        moved = await _reassign(session, settings, agent, now)
+        given = sum(1 for owner in moved if owner is not None)
+        return (f"disabled {agent.email}; {len(moved)} open ticket(s): {given} reassigned, "
+                f"{len(moved) - given} unowned")
     if args.action == "set-profile":
         agent.profile = args.profile
         return f"{agent.email} is now {args.profile}"
@@ -113,6 +112,25 @@ async def _change(session: AsyncSession, settings: Settings, args: argparse.Name
     await session.execute(delete(AgentDepartment).where(
         AgentDepartment.agent_id == agent.id, AgentDepartment.department_id.in_(ids)))
     return f"{agent.email} may no longer act in {', '.join(args.department)}"
+
+
+async def _reassign(session: AsyncSession, settings: Settings, agent: Agent, now: datetime
+                    ) -> list[int | None]:
+    """A disabled agent's open tickets go to the department's strategy, or back to the queue."""
+    strategies = {d.slug: d.assignment for d in settings.departments}
+    owned = (await session.execute(select(Ticket.id, Ticket.department_id, Department.slug)
+                                   .join(Department, Department.id == Ticket.department_id)
+                                   .where(Ticket.owner_id == agent.id,
+                                          Ticket.status != "closed"))).all()
+    owners = []
+    for ticket_id, department_id, slug in owned:
+        owner = pick_owner(strategies.get(slug, "none"),
+                           await repo.assignment_candidates(session, department_id))
+        await session.execute(update(Ticket).where(Ticket.id == ticket_id).values(owner_id=owner))
+        await repo.add_events(session, ticket_id, now, [(
+            "owner_changed", {"from": agent.email, "to": owner, "reason": "agent disabled"})])
+        owners.append(owner)
+    return owners
 
 
 async def cmd_agent(settings: Settings, args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from gateway.outbound.config import RELAY_KEYS, SECTIONS, OutboundSettings, read
 from gateway.settings_imap import ImapSettings, parse_imap
 from gateway.settings_rules import KEYS as RULES_KEYS
 from gateway.settings_rules import RulesSettings, parse_rules_settings
+from gateway.tickets.assignment import STRATEGIES
 from gateway.tickets.sla_config import KEYS as SLA_KEYS
 from gateway.tickets.sla_config import DepartmentSla, parse_department_sla
 
@@ -41,6 +42,7 @@ class DepartmentSettings:
     timezone: str
     addresses: tuple[str, ...]
     sla: DepartmentSla = field(default_factory=DepartmentSla)
+    assignment: str = "none"  # none | round_robin | least_open (issue 13)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +192,8 @@ def _address(r: _Reader, value: Any, dotted: str) -> str | None:
 
 def _department(r: _Reader, table: dict[str, Any], index: int) -> DepartmentSettings:
     prefix = f"departments[{index}]"
-    r.unknown(table, {"name", "slug", "language", "timezone", "addresses"} | SLA_KEYS, prefix)
+    r.unknown(table, {"name", "slug", "language", "timezone", "addresses", "assignment"} |
+              SLA_KEYS, prefix)
     name = r.get(table, "name", prefix, str, _REQUIRED) or f"#{index}"
     slug = r.get(table, "slug", prefix, str, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
     language = r.get(table, "language", prefix, str, "en")
@@ -208,7 +211,10 @@ def _department(r: _Reader, table: dict[str, Any], index: int) -> DepartmentSett
     if not raw_addresses:
         r.fail(f"{prefix}.addresses", "must list at least one address")
     sla = parse_department_sla(table, prefix, timezone if timezone else "UTC", r.fail)
-    return DepartmentSettings(name, slug, language, timezone, addresses, sla)
+    assignment = r.get(table, "assignment", prefix, str, "none")
+    if assignment not in STRATEGIES:
+        r.fail(f"{prefix}.assignment", f"must be one of {', '.join(STRATEGIES)}")
+    return DepartmentSettings(name, slug, language, timezone, addresses, sla, assignment)
 
 
 def _secret(r: _Reader, tickets: dict[str, Any]) -> bytes:

@@ -97,7 +97,11 @@ async def ticket_detail(session: AsyncSession, number: int) -> dict[str, Any]:
     if ticket.follow_up_of_id:
         follow_up_of = await session.scalar(select(Ticket.number).where(
             Ticket.id == ticket.follow_up_of_id))
-    detail.update(category=ticket.category, subcategory=ticket.subcategory,
+    from store.models import Agent
+
+    owner = await session.scalar(select(Agent.email).where(Agent.id == ticket.owner_id)) \
+        if ticket.owner_id else None
+    detail.update(owner=owner, category=ticket.category, subcategory=ticket.subcategory,
                   product=ticket.product, tags=ticket.tags, fields=ticket.custom_fields)
     detail.update(reply_to=ticket.reply_to, follow_up_of=follow_up_of,
                   thread=[_message(m, attachments.get(m.id, [])) for m in messages],

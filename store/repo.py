@@ -17,6 +17,7 @@ from store.models import (
     AccountDomain,
     Address,
     Agent,
+    AgentDepartment,
     Attachment,
     Contact,
     Department,
@@ -189,3 +190,29 @@ async def link_contacts_to_account(session: AsyncSession, account_id: int, domai
 async def agent_id(session: AsyncSession, email: str) -> int | None:
     return await session.scalar(select(Agent.id).where(Agent.email == email.lower(),
                                                        Agent.active.is_(True)))
+
+
+async def assignment_candidates(session: AsyncSession, department_id: int) -> list[Any]:
+    """Active agents of the department who may answer customers, with their load."""
+    from gateway.tickets.assignment import Candidate
+
+    open_count = (select(func.count(Ticket.id)).where(Ticket.owner_id == Agent.id,
+                                                      Ticket.status != "closed")
+                  .correlate(Agent).scalar_subquery())
+    last = (select(func.max(Ticket.created_at)).where(Ticket.owner_id == Agent.id)
+            .correlate(Agent).scalar_subquery())
+    rows = await session.execute(
+        select(Agent.id, open_count, last).join(AgentDepartment,
+                                                AgentDepartment.agent_id == Agent.id)
+        .where(AgentDepartment.department_id == department_id, Agent.active.is_(True),
+               Agent.profile != "light_agent"))
+    return [Candidate(agent, count, aware(at)) for agent, count, at in rows]
+
+
+def aware(value: Any) -> Any:
+    """max() over a timestamp comes back as text or naive on SQLite: read it as UTC."""
+    from datetime import UTC
+
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value

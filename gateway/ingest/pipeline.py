@@ -41,8 +41,9 @@ from gateway.ingest.readable import (
 from gateway.ingest.routing_rules import MailFacts, TicketPlan, evaluate, language_of, plan_ticket
 from gateway.ingest.routing_rules import Outcome as RuleOutcome
 from gateway.ingest.rules import classify
-from gateway.settings import Settings
+from gateway.settings import DepartmentSettings, Settings
 from gateway.tickets.actions import apply_status
+from gateway.tickets.assignment import pick_owner
 from gateway.tickets.lifecycle import Action, Decision, decide
 from gateway.tickets.sla import due_dates, is_open
 from store import repo
@@ -372,6 +373,9 @@ class Pipeline:
                                        "to": ctx.routes[0].address}))
             if decision.action is Action.FOLLOW_UP and decision.ticket is not None:
                 events.append(("follow_up_of", {"ticket": decision.ticket.number}))
+            if ticket.owner_id is not None:
+                events.append(("assigned", {"agent": ticket.owner_id, "by": "rule" if ctx.plan
+                                            and ctx.plan.owner else "assignment"}))
         message = await repo.add(session, self._message_row(ctx, ticket_id, now))
         events.extend(await self._attachments(session, ctx.mail, message.id))
         if ctx.classification.hits:
@@ -417,9 +421,21 @@ class Pipeline:
             follow_up_of_id=decision.ticket.id if decision.ticket else None,
             tags=list(plan.tags), category=plan.category, subcategory=plan.subcategory,
             product=plan.product, custom_fields=plan.fields,
-            owner_id=await repo.agent_id(session, plan.owner) if plan.owner else None,
+            owner_id=await self._owner(session, plan, department),
             created_at=now, updated_at=now, first_response_due_at=due.first_response_due_at,
             due_at=due.due_at))
+
+    async def _owner(self, session: AsyncSession, plan: TicketPlan,
+                     department: DepartmentSettings) -> int | None:
+        """A rule's owner wins; otherwise the department's assignment strategy picks."""
+        if plan.owner:
+            return await repo.agent_id(session, plan.owner)
+        if department.assignment == "none":
+            return None
+        dept_id = self.department_ids.get(department.slug) or \
+            await repo.department_id(session, department.slug)
+        return pick_owner(department.assignment,
+                          await repo.assignment_candidates(session, dept_id))
 
     async def _account_id(self, session: AsyncSession, sender: str, now: datetime) -> int | None:
         name = await self._account_name(session, sender)

@@ -86,7 +86,8 @@ async def test_disabling_an_agent_unowns_their_open_tickets(make_gateway: Any, s
         ticket = await session.scalar(select(Ticket))
         ticket.owner_id = agent_id
     disabled = await deskgate(config, "agent", "disable", "kim@example.test")
-    assert disabled.returncode == 0 and "1 open ticket(s) are unowned again" in disabled.stdout
+    assert disabled.returncode == 0
+    assert "1 open ticket(s): 0 reassigned, 1 unowned" in disabled.stdout
     async with gw.store.transaction() as session:
         assert (await session.scalar(select(Ticket.owner_id))) is None
-        assert await session.scalar(select(Event.data).where(Event.type == "owner_removed"))
+        assert await session.scalar(select(Event.data).where(Event.type == "owner_changed"))

@@ -4,6 +4,7 @@ agrees with what ingest then does."""
 from __future__ import annotations
 
 import itertools
+from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -138,3 +139,44 @@ async def test_rules_test_agrees_with_ingest(sqlite_url: str, subject: str, send
                 plan["department"], plan["priority"], plan["category"], plan["tags"])
     finally:
         await store.dispose()
+
+
+async def test_paying_account_high_priority_and_round_robin_across_three_agents(
+        make_gateway: Any, db_url: str) -> None:
+    from gateway.agents import Profile
+    from store.models import Agent, AgentDepartment
+
+    gw = await make_gateway()
+    text = rules_config(db_url).replace('slug = "billing"', 'slug = "billing"\n'
+                                        'assignment = "round_robin"', 1)
+    await gw.reload(parse_settings(text, "rules.toml"))
+    async with gw.store.transaction() as session:
+        from gateway.cli_rules import _add
+
+        await _add(session, "BigCorp", ["bigcorp.example"])
+        billing = gw.pipeline.department_ids["billing"]
+        for name in ("ann", "bob", "cem"):
+            agent = Agent(email=f"{name}@example.test", name=name, profile=Profile.AGENT.value,
+                          active=True, created_at=datetime.now(UTC))
+            session.add(agent)
+            await session.flush()
+            session.add(AgentDepartment(agent_id=agent.id, department_id=billing))
+    for i in range(6):
+        reply = await send(gw.inbound_port, make_mail(subject=f"Contract {i}",
+                                                      sender=f"p{i}@bigcorp.example"),
+                           mail_from=f"p{i}@bigcorp.example")
+        assert reply.code == 250
+    async with gw.store.transaction() as session:
+        details = [await queries.ticket_detail(session, n) for n in range(1, 7)]
+    assert {(d["department"], d["priority"]) for d in details} == {("billing", "high")}
+    assert [d["owner"].split("@")[0] for d in details] == ["ann", "bob", "cem"] * 2
+    from gateway.cli_agents import _reassign
+
+    async with gw.store.transaction() as session:  # what `deskgate agent disable ann@…` does
+        ann = await session.scalar(select(Agent).where(Agent.email == "ann@example.test"))
+        ann.active = False
+        await session.flush()
+        moved = await _reassign(session, gw.settings, ann, datetime.now(UTC))
+        details = [await queries.ticket_detail(session, n) for n in (1, 4)]
+    assert len(moved) == 2 and None not in moved
+    assert {d["owner"] for d in details} <= {"bob@example.test", "cem@example.test"}
