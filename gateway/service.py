@@ -17,6 +17,7 @@ from gateway.errors import DeskgateError
 from gateway.inbound.imap import ImapPollers
 from gateway.inbound.smtp import InboundHandler, start_inbound
 from gateway.ingest.pipeline import Pipeline
+from gateway.outbound.escalation import EscalationMail
 from gateway.outbound.rating import RatingMail
 from gateway.outbound.service import Outbound
 from gateway.scheduler import Scheduler
@@ -52,6 +53,9 @@ class Gateway:
         self.rating = RatingMail(settings, self.outbound.renderer, self.pipeline.clock,
                                  self.outbound._wake_soon)  # noqa: SLF001
         self.scheduler.hooks.append(self.rating.on_time_rule)
+        self.escalation = EscalationMail(settings, self.outbound.renderer, self.pipeline.clock,
+                                         self.outbound._wake_soon)  # noqa: SLF001
+        self.scheduler.hooks.append(self.escalation.on_time_rule)
         # Rating links, /healthz, /metrics (issue 5).
         self.metrics = Metrics()
         self.handler.metrics = self.metrics

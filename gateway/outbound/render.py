@@ -11,7 +11,8 @@ from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
 from gateway.paths import templates_dir
 
 TEMPLATES = templates_dir()
-EVENTS = ("ack", "agent_reply", "rating_request", "verification", "invite", "notification")
+EVENTS = ("ack", "agent_reply", "rating_request", "verification", "invite", "notification",
+          "escalation")
 SHIPPED = ("en", "de", "nl", "zh")
 
 # What `deskgate render EVENT` fills in, so an operator can check a template by eye.
@@ -31,6 +32,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
                      "verify_url": "https://helpdesk.example.com/verify/3f9c2a7d1b6e4f08a5c9d2e7b1f4a6c3"},
     "invite": {"agent_name": "Shawn", "department": "Support",
                "invite_url": "https://helpdesk.example.com/invite/abcdef"},
+    "escalation": {"department": "Support", "ticket_number": 1234, "warning": False,
+                   "subject": "Refund for order 1234", "customer": "jess@example.org",
+                   "target": "first_response", "due_at": "2026-11-23 10:00 (Europe/Berlin)"},
     "notification": {"customer": "Jess Doe <jess@example.org>", "department": "Support",
                      "ticket_number": 1234, "subject": "Refund for order 1234",
                      "excerpt": "Hello, I need a refund for order 1234."},
