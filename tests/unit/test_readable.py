@@ -22,6 +22,7 @@ from gateway.ingest.readable import (
     readable_or_plain,
     stored_attachments,
 )
+from tests.conftest import need_peer
 from tests.unit.test_corpus import CORPUS, _manifest
 
 QUOTED = "> Ihre Bestellung 4711 wurde versandt.\n> Mit freundlichen Grüßen\n> Support\n"
@@ -326,7 +327,7 @@ def _corpus_results(views: list[tuple[str, dict[str, Any], Readable]]
 def test_every_corpus_file_yields_text_without_an_exception(
         corpus_views: list[tuple[str, dict[str, Any], Readable]]) -> None:
     if not corpus_views:
-        pytest.skip("corpus missing")
+        need_peer("the shared corpus", "../shared/corpus is missing (or set DESKGATE_CORPUS)")
     for path, _, view in corpus_views:  # readable() itself ran in the fixture
         assert isinstance(view.text, str) and isinstance(view.visible_text, str), path
 
@@ -335,7 +336,7 @@ def test_corpus_reply_and_body_facts_stay_above_their_floors(
         corpus_views: list[tuple[str, dict[str, Any], Readable]]) -> None:
     results = _corpus_results(corpus_views)
     if not results:
-        pytest.skip("corpus missing")
+        need_peer("the shared corpus", "../shared/corpus is missing (or set DESKGATE_CORPUS)")
     totals: dict[str, list[bool]] = {}
     for (folder, fact), hits in sorted(results.items()):
         print(f"{folder:12s} {fact:30s} {sum(hits):3d}/{len(hits):<3d} {sum(hits)/len(hits):6.1%}")
@@ -347,7 +348,7 @@ def test_corpus_reply_and_body_facts_stay_above_their_floors(
 def test_winmail_dat_yields_its_named_attachments_and_is_kept() -> None:
     path = CORPUS / "attachments" / "mimekit__tnef_rich-text.eml"
     if not path.is_file():
-        pytest.skip("corpus missing")
+        need_peer("the shared corpus", "../shared/corpus is missing (or set DESKGATE_CORPUS)")
     names = [p.filename for p in stored_attachments(parse(path.read_bytes()))]
     assert names[0] == "winmail.dat"
     assert "kitten-playing-with-a-christmas-tree.jpg" in names[1:]
@@ -356,7 +357,7 @@ def test_winmail_dat_yields_its_named_attachments_and_is_kept() -> None:
 def test_winmail_dat_body_is_the_text_when_the_mail_has_none() -> None:
     path = CORPUS / "attachments" / "mimekit__tnef_ukr.eml"
     if not path.is_file():
-        pytest.skip("corpus missing")
+        need_peer("the shared corpus", "../shared/corpus is missing (or set DESKGATE_CORPUS)")
     mail = parse(path.read_bytes())
     bare = replace(mail, text="", html=None)
     view = readable(bare)
