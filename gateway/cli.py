@@ -172,7 +172,7 @@ def _print_ticket(detail: dict[str, Any], full: bool = False) -> None:
 
 async def cmd_contact(settings: Settings, args: argparse.Namespace) -> int:
     async def work(store: Store) -> int:
-        async with store.transaction() as session:
+        async with store.read() as session:
             detail = await queries.contact_detail(session, args.email)
         if args.json:
             print_json(detail)
@@ -189,12 +189,12 @@ async def cmd_contact(settings: Settings, args: argparse.Namespace) -> int:
 async def cmd_quarantine(settings: Settings, args: argparse.Namespace) -> int:
     async def work(store: Store) -> int:
         if args.action == "list":
-            async with store.transaction() as session:
+            async with store.read() as session:
                 rows = await queries.list_quarantine(session, None if args.all else "held")
             print_json(rows) if args.json else print_table(
                 rows, ["id", "state", "received_at", "envelope_from", "reason"])
             return 0
-        async with store.transaction() as session:
+        async with store.read() as session:
             entry = await queries.quarantine_entry(session, args.id)
             raw = await session.get(Raw, entry.raw_sha256)
             assert raw is not None
@@ -319,7 +319,7 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
         raise DeskgateError(f"--since {args.since!r}: write a date like 2026-11-01") from None
 
     async def work(store: Store) -> int:
-        async with store.transaction() as session:
+        async with store.read() as session:
             if args.action == "csat":
                 rows = await queries.csat_report(session, since, args.by)
             elif args.action == "tickets":

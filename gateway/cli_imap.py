@@ -36,7 +36,7 @@ def status_rows(settings: Settings, rows: dict[str, Any]) -> list[dict[str, Any]
 async def cmd_imap_status(settings: Settings, args: argparse.Namespace) -> int:
     store = Store(settings.database_url)
     try:
-        async with store.transaction() as session:
+        async with store.read() as session:
             rows = status_rows(settings, await imap_checkpoints.all_rows(session))
     finally:
         await store.dispose()

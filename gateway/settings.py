@@ -151,6 +151,14 @@ class _Reader:
             return default if default is not _REQUIRED else None
         return value
 
+    def read_secret(self, path: str, dotted: str) -> str | None:
+        """A secret kept in its own file (readable only by deskgate), stripped."""
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            self.fail(dotted, f"cannot be read: {exc.strerror}")
+            return None
+
     def unknown(self, table: dict[str, Any], known: set[str], prefix: str) -> None:
         for key in table:
             if key not in known:
@@ -221,10 +229,7 @@ def _secret(r: _Reader, tickets: dict[str, Any]) -> bytes:
     secret = r.get(tickets, "secret", "tickets", str, None)
     secret_file = r.get(tickets, "secret_file", "tickets", str, None)
     if secret_file:
-        try:
-            secret = Path(secret_file).read_text().strip()
-        except OSError as exc:
-            r.fail("tickets.secret_file", f"cannot be read: {exc.strerror}")
+        secret = r.read_secret(secret_file, "tickets.secret_file")
     if not secret or len(secret) < 16:
         r.fail("tickets.secret", "must be set (or secret_file) to at least 16 characters")
         return b"x" * 16

@@ -26,6 +26,7 @@ from store.models import (
     Quarantine,
     Raw,
     Ticket,
+    UTCDateTime,
 )
 
 
@@ -199,20 +200,13 @@ async def assignment_candidates(session: AsyncSession, department_id: int) -> li
     open_count = (select(func.count(Ticket.id)).where(Ticket.owner_id == Agent.id,
                                                       Ticket.status != "closed")
                   .correlate(Agent).scalar_subquery())
-    last = (select(func.max(Ticket.created_at)).where(Ticket.owner_id == Agent.id)
+    last = (select(func.max(Ticket.created_at, type_=UTCDateTime()))  # UTC on both stores
+            .where(Ticket.owner_id == Agent.id)
             .correlate(Agent).scalar_subquery())
     rows = await session.execute(
         select(Agent.id, open_count, last).join(AgentDepartment,
                                                 AgentDepartment.agent_id == Agent.id)
         .where(AgentDepartment.department_id == department_id, Agent.active.is_(True),
                Agent.profile != "light_agent"))
-    return [Candidate(agent, count, aware(at)) for agent, count, at in rows]
+    return [Candidate(agent, count, at) for agent, count, at in rows]
 
-
-def aware(value: Any) -> Any:
-    """max() over a timestamp comes back as text or naive on SQLite: read it as UTC."""
-    from datetime import UTC
-
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value

@@ -103,6 +103,7 @@ class _Context:
     sender: str | None
     fingerprint: str
     authenticated: bool | None
+    reply_to: str | None  # first usable Reply-To address, normalized
     rules: RuleOutcome | None = None  # the operator's rules, for new tickets
     plan: TicketPlan | None = None  # what the new ticket became
     # Readable view: CPU-heavy (quote parsing, language guess), so made before the
@@ -217,6 +218,7 @@ class Pipeline:
             raw=raw, sha256=sha, envelope=envelope, mail=mail, routes=routes,
             classification=classify(mail, envelope, self.own_addresses), sender=sender,
             fingerprint=fingerprint(mail),
+            reply_to=next(filter(None, map(normalize_address, mail.reply_to)), None),
             authenticated=sender_authenticated(mail, self.settings.inbound.trusted_authserv_ids),
             view=readable_or_plain(mail, self.cid_url),
         )
@@ -388,7 +390,7 @@ class Pipeline:
             department=decision.ticket.department if decision.action is Action.APPEND and
             decision.ticket else (ctx.plan.department if ctx.plan else ""),
             contact=ctx.sender,
-            reply_to=next(filter(None, map(normalize_address, ctx.mail.reply_to)), ctx.sender),
+            reply_to=ctx.reply_to or ctx.sender,
             mail=ctx.mail, envelope=ctx.envelope, classification=ctx.classification, now=now,
             suppress_ack=bool(ctx.plan and ctx.plan.suppress_ack))
         if ctx.rules and ctx.rules.fired:
@@ -410,14 +412,13 @@ class Pipeline:
         slug = department.slug
         contact_id = await repo.upsert_contact(session, ctx.sender, ctx.mail.from_name[:200], now,
                                                await self._account_id(session, ctx.sender, now))
-        reply_to = next(filter(None, map(normalize_address, ctx.mail.reply_to)), None)
         due = due_dates(now, department.sla.targets.get(plan.priority), department.sla.hours)
         return await repo.add(session, Ticket(
             number=await repo.next_ticket_number(session),
             department_id=self.department_ids.get(slug) or await repo.department_id(session, slug),
             contact_id=contact_id, subject=ctx.mail.subject[:2000] or "(no subject)",
             status=(decision.new_status or "open"), priority=plan.priority, channel="email",
-            reply_to=reply_to, language=department.language,
+            reply_to=ctx.reply_to, language=department.language,
             follow_up_of_id=decision.ticket.id if decision.ticket else None,
             tags=list(plan.tags), category=plan.category, subcategory=plan.subcategory,
             product=plan.product, custom_fields=plan.fields,

@@ -90,10 +90,7 @@ def _relay(r: _Reader, table: dict[str, Any]) -> RelaySettings:
     password = None
     password_file = r.get(table, "password_file", "relay", str, None)
     if password_file:
-        try:
-            password = Path(password_file).read_text().strip()
-        except OSError as exc:
-            r.fail("relay.password_file", f"cannot be read: {exc.strerror}")
+        password = r.read_secret(password_file, "relay.password_file")
     username = r.get(table, "username", "relay", str, None)
     if username and not password_file:
         r.fail("relay.password_file", "is required when relay.username is set")
