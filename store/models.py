@@ -190,6 +190,7 @@ class Message(Base):
     channel: Mapped[str] = mapped_column(String(16), default="smtp")
     rule_hits: Mapped[list[Any]] = mapped_column(default=list)
     defects: Mapped[list[Any]] = mapped_column(default=list)
+    agent_id: Mapped[int | None] = mapped_column(ForeignKey("agents.id"))  # who wrote it (out)
 
 
 class Attachment(Base):
