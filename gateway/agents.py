@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import secrets
+from dataclasses import dataclass
 from enum import StrEnum
 
 MIN_PASSWORD = 12
@@ -60,3 +61,14 @@ def verify_password(password: str, stored: str | None) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(actual, expected)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentIdentity:
+    """An agent as the submission port knows them after AUTH: who, what profile, where."""
+
+    id: int
+    email: str  # normalized (lower case)
+    name: str
+    profile: Profile
+    departments: frozenset[str]  # department slugs
