@@ -17,7 +17,8 @@ from store import repo
 from store.engine import Store
 
 DEV_CONFIG_NAME = "deskgate.dev.toml"
-STATES = ("queued", "retry", "sending", "sent", "failed", "held", "shunted", "bounced")
+STATES = ("queued", "retry", "sending", "sent", "failed", "held", "shunted", "bounced",
+          "approval")
 
 
 async def _store_work(settings: Settings, work: Any) -> int:
@@ -37,6 +38,9 @@ async def cmd_outbox(settings: Settings, args: argparse.Namespace) -> int:
             rows = await queue.listing(session, args.state)
             print_json(rows) if args.json else print_table(rows, [
                 "id", "state", "kind", "to", "attempts", "next_attempt_at", "last_error"])
+            return 0
+        if args.action == "approve":
+            print(f"outbox row {args.id}: {await queue.approve(session, args.id, now)}")
             return 0
         states = ("failed", "bounced", "retry") if args.action == "retry" else ("shunted",)
         if not await queue.requeue(session, args.id, states, now):
@@ -134,9 +138,10 @@ def add_parsers(sub: Any) -> None:
     listing.add_argument("--json", action="store_true")
     retry = outbox.add_parser("retry", help="send a failed row again now")
     replay = outbox.add_parser("replay", help="send a shunted row again after a fix")
-    for parser in (retry, replay):
+    approve = outbox.add_parser("approve", help="send a newbie agent's reply (state approval)")
+    for parser in (retry, replay, approve):
         parser.add_argument("id", type=int)
-    for parser in (listing, retry, replay):
+    for parser in (listing, retry, replay, approve):
         parser.set_defaults(run=cmd_outbox)
     address = sub.add_parser("address", help="reply-from addresses").add_subparsers(
         dest="action", required=True)

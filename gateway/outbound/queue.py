@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from gateway.errors import DeskgateError
 from gateway.ingest.addresses import bounce_address
 from store.models import Address, Outbox
 
@@ -99,6 +100,19 @@ async def release_held(session: AsyncSession, address: str, now: datetime) -> in
         Outbox.state == "held", Outbox.from_addr == address.lower()).values(
         state="queued", next_attempt_at=now, last_error=None))
     return int(result.rowcount or 0)
+
+
+async def approve(session: AsyncSession, row_id: int, now: datetime) -> str:
+    """A supervisor lets a newbie agent's reply go; its From must still be verified."""
+    row = await session.get(Outbox, row_id)
+    if row is None or row.state != "approval":
+        raise DeskgateError(f"outbox row {row_id} is not waiting for approval")
+    if await is_verified(session, row.from_addr):
+        row.state, row.last_error, row.next_attempt_at = "queued", None, now
+    else:
+        row.state, row.last_error = "held", HELD_REASON.format(address=row.from_addr)
+    await session.flush()
+    return f"approved, {row.state}"
 
 
 async def requeue(session: AsyncSession, row_id: int, states: tuple[str, ...], now: datetime
