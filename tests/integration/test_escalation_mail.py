@@ -16,8 +16,9 @@ from tests.mailbuild import make_mail, send
 async def test_supervisor_gets_one_warning_and_one_escalation_mail(rated: Any) -> None:  # noqa: F811
     gw, relay, clock = rated
     support, billing = gw.settings.departments
-    hourly = replace(support, sla=replace(support.sla, escalation_warning_min=15, targets={
-        "none": SlaTarget(timedelta(hours=1), None)}))
+    hourly = replace(support, notify="none", sla=replace(  # no new-ticket mail (issue 6)
+        support.sla, escalation_warning_min=15,
+        targets={"none": SlaTarget(timedelta(hours=1), None)}))
     settings = replace(gw.settings, departments=(hourly, billing))
     await gw.reload(settings)
     async with gw.store.transaction() as session:

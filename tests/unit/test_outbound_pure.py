@@ -22,7 +22,7 @@ from gateway.outbound.classify import Answer, Disposition, RetryPolicy, backoff,
 from gateway.outbound.compose import Outgoing, compose
 from gateway.outbound.config import AckSettings
 from gateway.outbound.dkim import DkimKey, Signer, generate
-from gateway.outbound.render import EVENTS, SHIPPED, Renderer, pick_language
+from gateway.outbound.render import EVENTS, SAMPLES, SHIPPED, Renderer, pick_language
 from gateway.outbound.verify import candidate_codes
 from tests.conftest import make_settings
 
@@ -99,8 +99,7 @@ def test_compose_keeps_a_tag_the_template_already_wrote() -> None:
     out = Outgoing(from_addr="s@example.test", from_name="S", to="j@example.org",
                    hostname="h", date=T0, tag="[#7]")
     rendered = Renderer().render("notification", "en", {
-        "customer": "J", "department": "S", "ticket_number": 7, "subject": "[#7] x",
-        "excerpt": "e"})
+        **SAMPLES["notification"], "ticket_number": 7, "subject": "[#7] x"})
     assert compose(rendered, out).subject.count("[#7]") == 1
 
 
