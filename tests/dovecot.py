@@ -11,10 +11,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
+# XOAUTH2: Dovecot's SASL XOAUTH2 hands the bearer token to the passdb as the password, so a
+# passwd-file entry whose password is a fixed token stands in for a provider's token check.
+OAUTH_USER, OAUTH_TOKEN = "carol", "carol-access-token-0123456789"
+PASSWORDS = USERS | {OAUTH_USER: OAUTH_TOKEN}
 
 CONFIG = """
 base_dir = {root}/run
@@ -26,7 +30,7 @@ listen = 127.0.0.1
 {ssl}
 # Loopback only, throwaway users: clear-text LOGIN is what the test clients use.
 disable_plaintext_auth = no
-auth_mechanisms = plain login
+auth_mechanisms = plain login xoauth2
 default_internal_user = {internal}
 default_internal_group = {group}
 default_login_user = {login}
@@ -95,6 +99,24 @@ def _exists(user: str) -> bool:
         return False
 
 
+def running(tls: bool = False) -> Iterator[Dovecot]:
+    """A started private Dovecot for a fixture; a missing or broken one is a missing peer."""
+    from tests.conftest import need_peer
+
+    if binary("dovecot") is None or binary("doveadm") is None:
+        need_peer("Dovecot", "dovecot/doveadm not found (apt-get install dovecot-imapd)")
+    if tls and binary("openssl") is None:
+        need_peer("Dovecot with TLS", "openssl not found")
+    server = Dovecot(tls=tls)
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001 — a server that cannot start is a missing peer
+        server.stop()
+        need_peer("Dovecot", f"cannot start a private instance: {exc}")
+    yield server
+    server.stop()
+
+
 class Dovecot:
     def __init__(self, tls: bool = False) -> None:
         self.tls = tls
@@ -111,7 +133,7 @@ class Dovecot:
             (self.root / sub).mkdir()
         shutil.chown(self.root / "mail", internal, group)
         (self.root / "passwd").write_text(
-            "".join(f"{user}:{{PLAIN}}{password}\n" for user, password in USERS.items()))
+            "".join(f"{user}:{{PLAIN}}{password}\n" for user, password in PASSWORDS.items()))
         ssl = "ssl = no"
         if self.tls:
             self._certificate()
@@ -163,7 +185,7 @@ class Dovecot:
 
     def client(self, user: str = "alice") -> imaplib.IMAP4:
         client = imaplib.IMAP4("127.0.0.1", self.port)
-        client.login(user, USERS[user])
+        client.login(user, PASSWORDS[user])
         return client
 
     def append(self, mails: Iterable[bytes], user: str = "alice", folder: str = "INBOX") -> None:

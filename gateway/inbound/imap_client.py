@@ -7,7 +7,7 @@ import asyncio
 import os
 import shlex
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -44,18 +44,13 @@ def _quote(mailbox: str) -> str:
 
 
 async def read_secret(cfg: ImapSettings) -> str:
-    """The password (file or environment) or an XOAUTH2 access token (command); never logged."""
+    """The password (file or environment) or an XOAUTH2 access token (command); never logged.
+
+    The refresh-token flow lives in imap_oauth.TokenSource, which calls this for the rest.
+    """
     if cfg.auth == "xoauth2":
         assert cfg.token_command
-        proc = await asyncio.create_subprocess_exec(
-            *shlex.split(cfg.token_command), stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(), TOKEN_COMMAND_TIMEOUT_S)
-        token = out.decode().strip()
-        if proc.returncode != 0 or not token:
-            raise ImapProblem(f"token_command failed (exit {proc.returncode}): "
-                              f"{err.decode(errors='replace').strip()[:200]}")
-        return token
+        return await run_token_command(cfg.token_command)
     if cfg.password_file:
         try:
             return Path(cfg.password_file).read_text().strip()
@@ -65,6 +60,27 @@ async def read_secret(cfg: ImapSettings) -> str:
     if not value:
         raise ImapProblem(f"environment variable {cfg.password_env} is not set")
     return value
+
+
+async def run_token_command(command: str) -> str:
+    """A command that prints a fresh access token, run per login; its output never logged."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *shlex.split(command), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        raise ImapProblem(f"token_command cannot run: {exc.strerror or exc}") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), TOKEN_COMMAND_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        raise ImapProblem(f"token_command took longer than {TOKEN_COMMAND_TIMEOUT_S:.0f}s") \
+            from None
+    token = out.decode(errors="replace").strip()
+    if proc.returncode != 0 or not token:
+        raise ImapProblem(f"token_command failed (exit {proc.returncode}): "
+                          f"{err.decode(errors='replace').strip()[:200]}")
+    return token
 
 
 async def _starttls(client: aioimaplib.IMAP4, host: str, context: ssl.SSLContext) -> None:
@@ -81,8 +97,13 @@ async def _starttls(client: aioimaplib.IMAP4, host: str, context: ssl.SSLContext
 
 
 async def connect(cfg: ImapSettings, context: ssl.SSLContext | None = None,
-                  timeout_s: float = COMMAND_TIMEOUT_S) -> aioimaplib.IMAP4:
-    """A logged-in client; TLS as configured (plain text only when the config allows it)."""
+                  timeout_s: float = COMMAND_TIMEOUT_S,
+                  secret: Callable[[], Awaitable[str]] | None = None) -> aioimaplib.IMAP4:
+    """A logged-in client; TLS as configured (plain text only when the config allows it).
+
+    `secret` gives the password or access token (imap_oauth.TokenSource.secret); without
+    it the password or token_command is read from the configuration.
+    """
     if context is None and cfg.tls != "none":
         try:
             context = ssl.create_default_context(cafile=cfg.ca_file)
@@ -98,12 +119,12 @@ async def connect(cfg: ImapSettings, context: ssl.SSLContext | None = None,
         if cfg.tls == "starttls":
             assert context is not None
             await _starttls(client, cfg.host, context)
-        secret = await read_secret(cfg)
+        password = await (secret or (lambda: read_secret(cfg)))()
         if cfg.auth == "xoauth2":
-            response = await client.xoauth2(cfg.user, secret)
+            response = await client.xoauth2(cfg.user, password)
         else:
-            response = await client.login(cfg.user, secret)
-        _ok(response, f"login as {cfg.user}")
+            response = await client.login(cfg.user, password)
+        _ok(response, f"{'XOAUTH2 ' if cfg.auth == 'xoauth2' else ''}login as {cfg.user}")
         await client.protocol.capability()  # IDLE, MOVE, UIDPLUS are announced after login
     except BaseException:
         close(client)
@@ -117,19 +138,45 @@ def close(client: aioimaplib.IMAP4) -> None:
         transport.close()
 
 
-async def select(client: aioimaplib.IMAP4, folder: str) -> int:
-    """SELECT the folder and return its UIDVALIDITY."""
-    response = _ok(await client.select(_quote(folder)), f"SELECT {folder}")
-    uidvalidity = plan.parse_uidvalidity(response.lines)
-    if uidvalidity is None:
-        raise ImapProblem(f"SELECT {folder}: the server sent no UIDVALIDITY")
-    return uidvalidity
+async def select(client: aioimaplib.IMAP4, folder: str, readonly: bool = False
+                 ) -> plan.FolderInfo:
+    """SELECT (or EXAMINE, read-only) the folder: its UIDVALIDITY, UIDNEXT, message count."""
+    verb = "EXAMINE" if readonly else "SELECT"
+    command = client.examine if readonly else client.select
+    response = _ok(await command(_quote(folder)), f"{verb} {folder}")
+    info = plan.parse_select(response.lines)
+    if info.uidvalidity is None:
+        raise ImapProblem(f"{verb} {folder}: the server sent no UIDVALIDITY")
+    return info
+
+
+async def uidnext(client: aioimaplib.IMAP4, info: plan.FolderInfo) -> int:
+    """UIDNEXT from SELECT, else one above the highest UID in use (RFC 3501 2.3.1.1)."""
+    if info.uidnext is not None:
+        return info.uidnext
+    found = await search_uids(client, 0)
+    return max(found, default=0) + 1
 
 
 async def search_uids(client: aioimaplib.IMAP4, after_uid: int) -> list[int]:
     response = _ok(await client.uid_search("UID", f"{after_uid + 1}:*", charset=None),
                    "UID SEARCH")
     return plan.pending_uids(plan.parse_search(response.lines), after_uid)
+
+
+async def sizes(client: aioimaplib.IMAP4, uids: Sequence[int]) -> list[tuple[int, int]]:
+    """(uid, RFC822.SIZE) of each message: what to fetch, what is too big to."""
+    response = _ok(await client.uid("fetch", plan.uid_set(uids), "(UID RFC822.SIZE)"),
+                   "UID FETCH RFC822.SIZE")
+    return sorted(plan.parse_sizes(response.lines))
+
+
+async def fetch_header(client: aioimaplib.IMAP4, uid: int) -> bytes:
+    """Only the header section of a message that is too big to import (a record for people)."""
+    response = _ok(await client.uid("fetch", str(uid), "(UID BODY.PEEK[HEADER])"),
+                   "UID FETCH HEADER")
+    found = plan.parse_fetch(response.lines)
+    return found[0][1] if found else b""
 
 
 async def fetch(client: aioimaplib.IMAP4, uids: Sequence[int]) -> list[tuple[int, bytes]]:

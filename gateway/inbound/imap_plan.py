@@ -19,20 +19,110 @@ class Resume:
 
     last_uid: int  # everything at or below this UID is already committed
     reset: bool  # UIDVALIDITY changed: the old UIDs mean nothing any more
+    history_below: int | None = None  # from = "all": UIDs below this are history
 
 
 def resume(checkpoint_uidvalidity: int | None, checkpoint_last_uid: int,
-           server_uidvalidity: int) -> Resume:
+           server_uidvalidity: int, uidnext: int = 1, start_from: str = "now",
+           history_below: int | None = None) -> Resume:
     """RFC 3501 2.3.1.1: UIDs are only comparable under the same UIDVALIDITY.
 
-    A changed UIDVALIDITY (folder recreated, server migrated) re-scans from UID 1; the
-    ingest's duplicate detection keeps the mails already stored from becoming tickets twice.
+    The first contact starts at UIDNEXT (from = "now": only mail arriving from now on) or
+    at UID 1 with everything below UIDNEXT marked as history (from = "all"). A changed
+    UIDVALIDITY (folder recreated, server migrated) re-scans from UID 1; the ingest's
+    duplicate detection keeps the mails already stored from becoming tickets twice.
     """
     if checkpoint_uidvalidity is None:
-        return Resume(0, reset=False)
+        if start_from == "all":
+            return Resume(0, reset=False, history_below=uidnext)
+        return Resume(max(0, uidnext - 1), reset=False)
     if checkpoint_uidvalidity != server_uidvalidity:
         return Resume(0, reset=True)
-    return Resume(max(0, checkpoint_last_uid), reset=False)
+    return Resume(max(0, checkpoint_last_uid), reset=False, history_below=history_below)
+
+
+def is_history(uid: int, history_below: int | None) -> bool:
+    return history_below is not None and uid < history_below
+
+
+@dataclass(frozen=True, slots=True)
+class FolderInfo:
+    """What SELECT/EXAMINE told about the folder (RFC 3501 7.3.1, 7.1)."""
+
+    uidvalidity: int | None
+    uidnext: int | None
+    exists: int | None
+
+
+def parse_select(lines: Sequence[bytes | bytearray]) -> FolderInfo:
+    found: dict[str, int] = {}
+    for line in lines:
+        raw = bytes(line)
+        for key, pattern in (("uidvalidity", _UIDVALIDITY), ("uidnext", _UIDNEXT),
+                             ("exists", _EXISTS)):
+            match = pattern.search(raw)
+            if match and key not in found:
+                found[key] = int(match.group("value"))
+    return FolderInfo(found.get("uidvalidity"), found.get("uidnext"), found.get("exists"))
+
+
+def byte_batches(sized: Sequence[tuple[int, int]], max_bytes: int
+                 ) -> Iterator[list[tuple[int, int]]]:
+    """(uid, size) pairs in groups whose bodies add up to at most max_bytes (a bigger mail
+    alone). aioimaplib holds a whole FETCH answer in memory: this bounds it."""
+    batch: list[tuple[int, int]] = []
+    total = 0
+    for uid, size in sorted(sized):
+        if batch and total + size > max_bytes:
+            yield batch
+            batch, total = [], 0
+        batch.append((uid, size))
+        total += size
+    if batch:
+        yield batch
+
+
+def fetch_plan(sized: Sequence[tuple[int, int]], limit: int, max_bytes: int
+               ) -> Iterator[tuple[str, list[tuple[int, int]]]]:
+    """In UID order: ("fetch", mails) bounded by max_bytes, or ("skip", [one too big]).
+
+    UID order keeps the checkpoint monotonic: a skipped mail is passed in its place.
+    """
+    run: list[tuple[int, int]] = []
+    for uid, size in sorted(sized):
+        if size <= limit:
+            run.append((uid, size))
+            continue
+        yield from (("fetch", group) for group in byte_batches(run, max_bytes))
+        run = []
+        yield "skip", [(uid, size)]
+    yield from (("fetch", group) for group in byte_batches(run, max_bytes))
+
+
+def parse_sizes(lines: Sequence[bytes | bytearray]) -> list[tuple[int, int]]:
+    """(uid, size) from `UID FETCH … (UID RFC822.SIZE)`, items in any order."""
+    found = []
+    for line in lines:
+        raw = bytes(line)
+        uid, size = _UID.search(raw), _SIZE.search(raw)
+        if uid and size:
+            found.append((int(uid.group("uid")), int(size.group("size"))))
+    return found
+
+
+# A mailbox counts as failing (degraded in /healthz) after this many failures in a row:
+# one dropped connection that the next attempt mends is not worth waking anyone.
+FAILING_AFTER = 3
+
+
+def is_failing(failures: int, alerting: bool) -> bool:
+    return alerting or failures >= FAILING_AFTER
+
+
+def alert_due(now_s: float, last_success_s: float, alert_after_s: float,
+              alerting: bool) -> bool:
+    """No successful fetch for alert_after_s, not yet alerted: raise the alert (once)."""
+    return not alerting and now_s - last_success_s >= alert_after_s
 
 
 def pending_uids(found: Sequence[int], last_uid: int) -> list[int]:
@@ -104,6 +194,9 @@ def lock_key(name: str) -> int:
 _SEARCH = re.compile(rb"^(?:SEARCH\b)?(?P<uids>[\d ]*)$")
 _UID = re.compile(rb"\bUID (?P<uid>\d+)")
 _UIDVALIDITY = re.compile(rb"\[UIDVALIDITY (?P<value>\d+)\]")
+_UIDNEXT = re.compile(rb"\[UIDNEXT (?P<value>\d+)\]")
+_EXISTS = re.compile(rb"^(?P<value>\d+) EXISTS")
+_SIZE = re.compile(rb"\bRFC822\.SIZE (?P<size>\d+)")
 
 
 def parse_search(lines: Sequence[bytes | bytearray]) -> list[int]:

@@ -17,23 +17,13 @@ from sqlalchemy import func, select, update
 from gateway.cli_imap import cmd_imap_status
 from gateway.errors import StoreUnavailable
 from store.models import ImapMailbox, Message, Ticket
-from tests.conftest import need_peer
-from tests.dovecot import USERS, Dovecot, binary
+from tests.dovecot import USERS, Dovecot, running
 from tests.mailbuild import make_mail
 
 
 @pytest.fixture
 def dovecot() -> Iterator[Dovecot]:
-    if binary("dovecot") is None or binary("doveadm") is None:
-        need_peer("Dovecot", "dovecot/doveadm not found (apt-get install dovecot-imapd)")
-    server = Dovecot()
-    try:
-        server.start()
-    except Exception as exc:  # noqa: BLE001 — a server that cannot start is a missing peer
-        server.stop()
-        need_peer("Dovecot", f"cannot start a private instance: {exc}")
-    yield server
-    server.stop()
+    yield from running()
 
 
 def imap_table(dovecot: Dovecot, tmp_path: Path, user: str = "alice", password: str = "",
@@ -45,6 +35,9 @@ def imap_table(dovecot: Dovecot, tmp_path: Path, user: str = "alice", password: 
         "allow_plaintext": True, "user": user, "password_file": str(secret),
         "department": "support", "after_import": "seen", "poll_interval_s": 1,
         "batch_size": 50,
+        # The tests preload mails before deskgate starts: import them (the default "now"
+        # would start after them; test_imap_features.py covers both choices).
+        "from": "all",
     } | overrides
     lines = ["[[imap]]"]
     for key, value in values.items():
@@ -278,16 +271,7 @@ async def test_two_instances_on_postgres_one_poller_and_takeover(
 
 @pytest.fixture
 def dovecot_tls() -> Iterator[Dovecot]:
-    if binary("dovecot") is None or binary("openssl") is None:
-        need_peer("Dovecot with TLS", "dovecot or openssl not found")
-    server = Dovecot(tls=True)
-    try:
-        server.start()
-    except Exception as exc:  # noqa: BLE001 — a server that cannot start is a missing peer
-        server.stop()
-        need_peer("Dovecot with TLS", f"cannot start a private instance: {exc}")
-    yield server
-    server.stop()
+    yield from running(tls=True)
 
 
 @pytest.mark.parametrize("tls", ["implicit", "starttls"])

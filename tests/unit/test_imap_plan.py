@@ -13,12 +13,24 @@ from gateway.settings_imap import AfterImport, parse_after_import
 from tests.conftest import make_settings
 
 
-def test_first_contact_starts_from_the_beginning() -> None:
-    assert plan.resume(None, 0, 77) == plan.Resume(0, reset=False)
+def test_first_contact_from_now_starts_at_uidnext() -> None:
+    assert plan.resume(None, 0, 77, uidnext=120) == plan.Resume(119, reset=False)
+    assert plan.resume(None, 0, 77, uidnext=1) == plan.Resume(0, reset=False)  # empty folder
+
+
+def test_first_contact_from_all_starts_at_uid_1_and_marks_the_history() -> None:
+    start = plan.resume(None, 0, 77, uidnext=120, start_from="all")
+    assert start == plan.Resume(0, reset=False, history_below=120)
+    assert plan.is_history(119, start.history_below)
+    assert not plan.is_history(120, start.history_below)
+    assert not plan.is_history(5, None)
 
 
 def test_same_uidvalidity_resumes_after_the_checkpoint() -> None:
     assert plan.resume(77, 41, 77) == plan.Resume(41, reset=False)
+    # An interrupted history import goes on as history.
+    assert plan.resume(77, 41, 77, uidnext=500, start_from="all", history_below=120) == \
+        plan.Resume(41, reset=False, history_below=120)
 
 
 def test_changed_uidvalidity_rescans_from_uid_1() -> None:
