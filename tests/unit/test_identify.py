@@ -76,3 +76,13 @@ def test_trusted_authentication_results_decide() -> None:
     assert sender_authenticated(failing, ("other.example",)) is None
     passing = mail(headers=(("authentication-results", "mx.example.com; dmarc=pass"),))
     assert sender_authenticated(passing, ("mx.example.com",)) is True
+
+
+def test_failed_authentication_threads_only_by_our_own_message_ids() -> None:
+    both = mail(in_reply_to=("theirs@example.org", "ours@deskgate.test"))
+    found = ThreadEvidence({"theirs@example.org": T1, "ours@deskgate.test": T2}, None, None,
+                           False, frozenset({"ours@deskgate.test"}))
+    assert thread(both, found, False).detail == "ours@deskgate.test"
+    only_theirs = ThreadEvidence({"theirs@example.org": T1}, None, None, False)
+    assert thread(both, only_theirs, False).ticket is None
+    assert thread(both, only_theirs, None).detail == "theirs@example.org"
