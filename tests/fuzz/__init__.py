@@ -1,0 +1,1 @@
+"""Fuzzing harnesses (atheris, `make fuzz`) and the pure pipeline they drive."""
