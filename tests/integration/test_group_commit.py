@@ -1,0 +1,194 @@
+"""Group commit (issue 10): concurrent mails share one transaction and one commit; each is
+answered only after that commit, a failed commit answers 451 to all of its mails, and one
+mail's failure or conflict inside a batch does not fail its neighbours."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from gateway.ingest import offload
+from gateway.ingest.pipeline import PARSE_IN_THREAD_BYTES
+from gateway.replies import R250_DUPLICATE
+from store.engine import GroupCommit, Store, WriterQueue
+from store.models import Attachment, Contact, Event, Message, Raw, Ticket
+from tests.faults import commit_fails, mail_fails
+from tests.mailbuild import Reply, make_mail, send
+
+N = 12
+GATHER_S = 0.3  # the first batch waits this long, so every mail sent at once joins it
+
+
+async def _count(gateway: Any, model: Any, *where: Any) -> int:
+    async with gateway.store.read() as session:
+        return int(await session.scalar(select(func.count()).select_from(model).where(*where)))
+
+
+async def _send_all(port: int, mails: list[bytes]) -> list[Reply]:
+    return list(await asyncio.gather(*(send(port, mail) for mail in mails)))
+
+
+def _mails(prefix: str, count: int) -> list[bytes]:
+    return [make_mail(subject=f"{prefix} {i}", sender=f"C{i} <c{i}@example.org>")
+            for i in range(count)]
+
+
+def _ticket(reply: Reply) -> int | None:
+    found = re.search(r"ticket (\d+)", reply.message)
+    return int(found[1]) if found else None
+
+
+async def _gateway(make_gateway: Any) -> Any:
+    gw = await make_gateway()
+    gw.pipeline.commits.linger_s = GATHER_S
+    return gw
+
+
+async def test_concurrent_mails_share_a_commit_and_are_each_stored_once(
+        make_gateway: Any) -> None:
+    gw = await _gateway(make_gateway)
+    replies = await _send_all(gw.inbound_port, _mails("Question", N))
+    assert [(r.code, r.stage) for r in replies] == [(250, "data")] * N
+    assert sorted(_ticket(r) or 0 for r in replies) == list(range(1, N + 1))
+    commits = gw.pipeline.commits
+    assert commits.largest > 1 and commits.batches < N  # they really shared transactions
+    assert await _count(gw, Message, Message.direction == "in") == N
+    assert await _count(gw, Ticket) == N
+    assert await _count(gw, Raw) == N
+    async with gw.store.read() as session:
+        subjects = set((await session.scalars(select(Ticket.subject))).all())
+    assert subjects == {f"Question {i}" for i in range(N)}
+
+
+async def test_a_failed_commit_answers_451_to_every_mail_of_its_batch_and_keeps_nothing(
+        make_gateway: Any) -> None:
+    gw = await _gateway(make_gateway)
+    mails = _mails("Lost?", N)
+    async with commit_fails(gw.store):
+        replies = await _send_all(gw.inbound_port, mails)
+        assert gw.pipeline.commits.largest > 1
+    assert [(r.code, r.stage) for r in replies] == [(451, "data")] * N
+    assert all(r.message.startswith("4.3.0") for r in replies)
+    for model in (Ticket, Message, Raw, Event, Contact):
+        assert await _count(gw, model) == 0, model.__tablename__  # nothing half-written
+    # The MTA retries: every mail is then stored, once.
+    again = await _send_all(gw.inbound_port, mails)
+    assert [r.code for r in again] == [250] * N
+    assert await _count(gw, Message, Message.direction == "in") == N
+
+
+async def test_a_duplicate_inside_a_batch_answers_duplicate_and_neighbours_are_stored(
+        make_gateway: Any) -> None:
+    gw = await _gateway(make_gateway)
+    same = make_mail(subject="Twice", message_id="<twice@example.org>")
+    others = _mails("Other", 4)
+    replies = await _send_all(gw.inbound_port, [same, *others, same, same])
+    assert [r.code for r in replies] == [250] * 7
+    assert gw.pipeline.commits.largest > 1
+    answers = [replies[0], replies[5], replies[6]]
+    assert sum(_ticket(r) is not None for r in answers) == 1
+    assert sorted(r.message for r in answers if _ticket(r) is None) == \
+        [R250_DUPLICATE[4:]] * 2
+    assert all(_ticket(r) is not None for r in replies[1:5])
+    assert await _count(gw, Message, Message.message_id == "twice@example.org") == 1
+    assert await _count(gw, Message, Message.direction == "in") == 5
+
+
+async def test_one_mail_failing_inside_a_batch_fails_alone(make_gateway: Any) -> None:
+    gw = await _gateway(make_gateway)
+    others = _mails("Fine", 5)
+    async with mail_fails(gw.store, "Poison"):
+        replies = await _send_all(gw.inbound_port, [make_mail(subject="Poison"), *others])
+    assert gw.pipeline.commits.largest > 1
+    assert replies[0].code == 451
+    assert [r.code for r in replies[1:]] == [250] * 5
+    assert await _count(gw, Ticket, Ticket.subject == "Poison") == 0
+    assert await _count(gw, Message, Message.direction == "in") == 5
+    assert await _count(gw, Raw) == 5  # the poisoned mail's raw copy went with its savepoint
+
+
+async def test_a_conflicting_unit_is_retried_alone_and_its_neighbours_commit(
+        db_url: str) -> None:
+    """IntegrityError (another writer made the row first) rolls back that unit's savepoint
+    only; it is queued again, and after its attempts its caller gets the error."""
+    store = Store(db_url)
+    commits = GroupCommit(store, linger_s=GATHER_S)
+    now = datetime.now(UTC)
+    tries: list[int] = []
+
+    def contact(email: str) -> Any:
+        async def unit(session: Any) -> str:
+            await session.execute(insert(Contact).values(email=email, name="", created_at=now))
+            return email
+        return unit
+
+    try:
+        results = await asyncio.gather(
+            commits.run(contact("a@example.org")),
+            commits.run(contact("a@example.org"), on_conflict=lambda n, _: tries.append(n)),
+            commits.run(contact("b@example.org")), return_exceptions=True)
+        assert results[0] == "a@example.org" and results[2] == "b@example.org"
+        assert isinstance(results[1], IntegrityError)
+        assert tries == [1, 2, 3]
+        assert commits.largest == 3
+        async with store.read() as session:
+            emails = sorted((await session.scalars(select(Contact.email))).all())
+        assert emails == ["a@example.org", "b@example.org"]
+    finally:
+        await store.dispose()
+
+
+
+async def test_a_big_mail_is_parsed_in_another_process_and_stored_beside_a_batch(
+        make_gateway: Any) -> None:
+    """Over PARSE_IN_THREAD_BYTES a mail is parsed in the parser process and stored in a
+    transaction of its own; the small mails around it still share theirs."""
+    gw = await _gateway(make_gateway)
+    payload = bytes(range(256)) * (PARSE_IN_THREAD_BYTES // 256)
+    encoded = base64.encodebytes(payload).decode().replace("\n", "\r\n")
+    big = ("From: Big <big@example.org>\r\nTo: support@example.test\r\nSubject: Big one\r\n"
+           "Message-ID: <big@example.org>\r\nMIME-Version: 1.0\r\n"
+           'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+           "Content-Type: text/plain\r\n\r\nSee attached.\r\n--b\r\n"
+           "Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
+           "Content-Disposition: attachment; filename=big.bin\r\n\r\n" + encoded +
+           "--b--\r\n").encode()
+    assert len(big) > PARSE_IN_THREAD_BYTES
+    replies = await _send_all(gw.inbound_port, [big, *_mails("Small", 6)])
+    assert [r.code for r in replies] == [250] * 7
+    assert offload._pool is not None  # the parser process took the big one
+    assert gw.pipeline.commits.largest > 1
+    async with gw.store.read() as session:
+        stored = (await session.execute(select(Attachment.size, Attachment.sha256)
+                                        .where(Attachment.filename == "big.bin"))).one()
+    assert tuple(stored) == (len(payload), hashlib.sha256(payload).hexdigest())
+    assert await _count(gw, Message, Message.direction == "in") == 7
+
+
+async def test_sqlite_writers_take_turns_between_batches_and_other_transactions() -> None:
+    """Big mails' own transactions queued first do not all go before a waiting batch: the
+    lanes alternate; a writer cancelled while waiting is skipped and the queue goes on."""
+    queue, order = WriterQueue(), []
+
+    async def writer(name: str, lane: int) -> None:
+        async with queue.hold(lane):
+            order.append(name)
+            await asyncio.sleep(0.01)
+
+    tasks = [asyncio.create_task(writer(f"big{i}", 0)) for i in range(3)]
+    await asyncio.sleep(0)
+    gone = asyncio.create_task(writer("gone", 0))
+    tasks += [asyncio.create_task(writer(f"batch{i}", 1)) for i in range(3)]
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.gather(*tasks)
+    assert order == ["big0", "batch0", "big1", "batch1", "big2", "batch2"]
+    async with queue.hold(0):  # free again: taken at once
+        pass
