@@ -12,9 +12,13 @@ from pathlib import Path
 
 import structlog
 
+from gateway.agentmail.path import AgentPath
 from gateway.daemon import Daemon
 from gateway.errors import DeskgateError
 from gateway.inbound.imap import ImapPollers
+from gateway.inbound.imap_alert import AlertMail
+from gateway.inbound.imap_history import HistoryHook
+from gateway.inbound.limits import RateLimiter
 from gateway.inbound.smtp import InboundHandler, start_inbound
 from gateway.ingest.pipeline import Pipeline
 from gateway.outbound.escalation import EscalationMail
@@ -22,6 +26,7 @@ from gateway.outbound.rating import RatingMail
 from gateway.outbound.service import Outbound
 from gateway.scheduler import Scheduler
 from gateway.settings import Settings, load_settings
+from gateway.submission.server import Submission, SubmissionHandler
 from gateway.web.app import WebApp
 from gateway.web.metrics import Metrics
 from gateway.web.tokens import link_keys
@@ -53,28 +58,49 @@ class Gateway:
         self.rating = RatingMail(settings, self.outbound.renderer, self.pipeline.clock,
                                  self.outbound._wake_soon)  # noqa: SLF001
         self.scheduler.hooks.append(self.rating.on_time_rule)
+        # Agents' replies, notes and commands from the submission port (issue 6).
+        self.agent_path = AgentPath(settings, self.store, self.pipeline, self.outbound,
+                                    self.rating)
         self.escalation = EscalationMail(settings, self.outbound.renderer, self.pipeline.clock,
                                          self.outbound._wake_soon)  # noqa: SLF001
         self.scheduler.hooks.append(self.escalation.on_time_rule)
         # Rating links, /healthz, /metrics (issue 5).
         self.metrics = Metrics()
         self.handler.metrics = self.metrics
+        # SMTP rate limits, counted here and shared through the store (issue 11).
+        self.rates = RateLimiter(self.store, lambda: self.pipeline.clock().timestamp(),
+                                 lambda: self.settings.inbound.limits)
+        self.handler.rates = self.rates
+        self._rates_task: asyncio.Task[None] | None = None
         self.web = WebApp(self.store, link_keys(settings.tickets.reply_token_secret),
                           self.metrics, self.health, self.pipeline.clock)
         self.web_port: int | None = None
+        # IMAP (issue 7): failing mailboxes in /healthz and /metrics, alert mails, history.
+        self.imap.attach(self.metrics, AlertMail(settings, self.outbound.renderer,
+                                                 self.pipeline.clock, self.outbound._wake_soon))  # noqa: SLF001
+        self.web.degraded = self.imap.degraded
+        self.pipeline.after_store.append(HistoryHook(settings))
         self.web.released = self.outbound._wake  # noqa: SLF001 — held mail may go now
-        self.web.submission = str(settings.submission)
+        # What the invitation page tells agents to put into their mail client (issue 6).
+        self.web.submission = f"{settings.hostname}:{settings.submission.port}"
+        self.submission = Submission(settings, self.store, self.agent_path, self.metrics)
 
     def health(self) -> dict[str, bool]:
         """Every supervised part alive (the web endpoint adds the database check)."""
         return {"inbound": self.server is not None and self.server.is_serving(),
                 "scheduler": self._scheduler_task is not None and
-                not self._scheduler_task.done()}
+                not self._scheduler_task.done()} | (
+            {"submission": self.submission.serving} if self.submission.enabled else {})
 
     @property
     def inbound_port(self) -> int:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
+
+    @property
+    def submission_port(self) -> int | None:
+        """The STARTTLS port as bound (None when [submission] is not configured)."""
+        return self.submission.port
 
     async def start(self, port: int | None = None, reuse_port: bool = False) -> None:
         if await pending(self.store):
@@ -88,8 +114,15 @@ class Gateway:
         log.info("service.ready", inbound=f"{inbound.listen.host}:{self.inbound_port}",
                  database=self.store.engine.dialect.name,
                  departments=[d.slug for d in self.settings.departments])
+        if self.submission.enabled:  # agents' mail clients (issue 6)
+            try:
+                await self.submission.start(reuse_port)
+            except OSError as exc:
+                raise DeskgateError(f"cannot listen on submission {self.settings.submission} "
+                                    f"or its tls_listen: {exc.strerror}") from None
         self.imap.start()  # one supervised poller task per [[imap]] mailbox (issue 7)
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
+        self._rates_task = asyncio.create_task(self.rates.run(), name="rate-limits")
         web = self.settings.web
         self.web_port = await self.web.start(web.host, web.port, reuse_port)
         log.info("service.web", listen=f"{web.host}:{self.web_port}")
@@ -102,18 +135,33 @@ class Gateway:
         later instead of a connection refused (STYLE habit 7); `force` cuts the drain short.
         """
         self.handler.accepting = False
+        self.submission.stop_accepting()
         await self.imap.stop()  # an import cut short rolls back and is fetched again
         await self.web.stop()
         if self._scheduler_task is not None:  # its changes are claimed per transaction
             self._scheduler_task.cancel()
             await asyncio.gather(self._scheduler_task, return_exceptions=True)
         timeout_s = self.settings.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
-        if not await _drain(self.handler, timeout_s, force or asyncio.Event()):
+        cut = force or asyncio.Event()
+        inbound_done, submission_done = await asyncio.gather(
+            _drain(self.handler, timeout_s, cut), _drain(self.submission.handler, timeout_s, cut))
+        if not inbound_done:
             log.warning("service.drain_incomplete", inflight=self.handler.inflight,
                         sessions=len(self.handler.sessions), forced=bool(force and force.is_set()))
+        if not submission_done:
+            log.warning("service.submission_drain_incomplete",
+                        inflight=self.submission.handler.inflight, forced=cut.is_set())
         if self.server is not None:
             self.server.close()
         self.handler.hang_up_idle()
+        self.submission.close()
+        if self._rates_task is not None:  # this run's last counts go to the shared table
+            self._rates_task.cancel()
+            await asyncio.gather(self._rates_task, return_exceptions=True)
+            try:
+                await self.rates.sync()
+            except Exception as exc:  # noqa: BLE001 — a lost second of counts, nothing more
+                log.warning("service.rate_sync_failed", error=type(exc).__name__)
         await self.outbound.stop()
         await self.store.dispose()
         log.info("service.stopped")
@@ -130,12 +178,16 @@ class Gateway:
         # (copying the old hooks would keep the old departments: KeyError on a new one).
         self.outbound.settings = settings
         self.outbound.attach(pipeline)
+        pipeline.after_store.append(HistoryHook(settings))  # from = "all" imports (issue 7)
         await pipeline.start()  # new departments get their rows before any mail routes to them
         self.settings, self.pipeline, self.handler.pipeline = settings, pipeline, pipeline
+        self.agent_path.reload(settings, pipeline)
         self.scheduler.settings = settings
+        await self.imap.reload(settings.imap, settings)  # restart changed pollers (issue 7)
 
 
-async def _drain(handler: InboundHandler, timeout_s: float, force: asyncio.Event) -> bool:
+async def _drain(handler: InboundHandler | SubmissionHandler, timeout_s: float,
+                 force: asyncio.Event) -> bool:
     """Wait until no session is mid-transaction; False on deadline or force."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -149,10 +201,11 @@ async def _drain(handler: InboundHandler, timeout_s: float, force: asyncio.Event
 def _keep_restart_only(old: Settings, new: Settings) -> Settings:
     """Listener and database cannot change under a running process: keep them, say so."""
     for key, before, after in (("database.url", old.database_url, new.database_url),
-                               ("inbound.listen", old.inbound.listen, new.inbound.listen)):
+                               ("inbound.listen", old.inbound.listen, new.inbound.listen),
+                               ("submission", old.submission, new.submission)):
         if before != after:
             log.warning("service.reload_needs_restart", key=key)
-    return replace(new, database_url=old.database_url,
+    return replace(new, database_url=old.database_url, submission=old.submission,
                    inbound=replace(new.inbound, listen=old.inbound.listen))
 
 

@@ -13,8 +13,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from email_validator import EmailNotValidError, validate_email
 
 from gateway.errors import ConfigError
+from gateway.ingest.authcheck import AUTH_INBOUND_KEYS, AuthSettings, parse_auth_settings
 from gateway.outbound.config import RELAY_KEYS, SECTIONS, OutboundSettings, read_outbound
-from gateway.settings_imap import ImapSettings, parse_imap
+from gateway.settings_imap import AlertSettings, ImapSettings, parse_alerts, parse_imap
+from gateway.settings_limits import KEYS as LIMIT_KEYS
+from gateway.settings_limits import InboundLimits, parse_inbound_limits
 from gateway.settings_rules import KEYS as RULES_KEYS
 from gateway.settings_rules import RulesSettings, parse_rules_settings
 from gateway.tickets.assignment import STRATEGIES
@@ -23,6 +26,7 @@ from gateway.tickets.sla_config import DepartmentSla, parse_department_sla
 
 DEFAULT_CONFIG_PATHS = ("/etc/deskgate/deskgate.toml", "config/deskgate.dev.toml")
 LANGUAGES = ("en", "de", "nl", "zh")
+NOTIFY_MODES = ("all", "owner", "none")  # agent notifications per department (issue 6)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +39,67 @@ class Listen:
 
 
 @dataclass(frozen=True, slots=True)
+class SubmissionSettings:
+    """The agents' submission port (DESIGN 3a); off unless the config has a [submission] table."""
+
+    enabled: bool = False
+    listen: Listen = Listen("0.0.0.0", 587)  # STARTTLS required before AUTH
+    tls_listen: Listen | None = None  # implicit TLS (465), when configured
+    cert_file: str | None = None  # both or neither; neither: a self-signed one in tls_dir
+    key_file: str | None = None
+    tls_dir: str = ""  # "": [dev] dir in development, else the working directory (systemd:
+    #                    /var/lib/deskgate)
+    max_message_bytes: int = 25 * 2**20
+    max_failures: int = 5  # failed logins of one address within failure_window_s -> locked
+    max_failures_per_ip: int = 20  # the same for one client IP (an office shares one)
+    failure_window_s: int = 900
+    lockout_s: int = 900
+    failure_delay_ms: int = 1000  # before the first 535; doubles per failure, at most 8x
+
+    @property
+    def host(self) -> str:
+        return self.listen.host
+
+    @property
+    def port(self) -> int:
+        return self.listen.port
+
+    def __str__(self) -> str:
+        return str(self.listen)
+
+
+SUBMISSION_KEYS = {"listen", "tls_listen", "cert_file", "key_file", "tls_dir",
+                   "max_message_bytes", "max_failures", "max_failures_per_ip",
+                   "failure_window_s", "lockout_s", "failure_delay_ms"}
+
+
+def _submission(r: _Reader, data: dict[str, Any]) -> SubmissionSettings:
+    if "submission" not in data:
+        return SubmissionSettings()
+    table = _section(r, data, "submission", SUBMISSION_KEYS)
+    tls_listen = (_listen(r, table, "submission", "", key="tls_listen")
+                  if "tls_listen" in table else None)
+    cert_file = r.get(table, "cert_file", "submission", str, None)
+    key_file = r.get(table, "key_file", "submission", str, None)
+    if bool(cert_file) != bool(key_file):
+        r.fail("submission.cert_file", "cert_file and key_file go together (or neither: "
+               "a self-signed certificate is made in tls_dir)")
+    for key, path in (("cert_file", cert_file), ("key_file", key_file)):
+        if path and not Path(path).is_file():
+            r.fail(f"submission.{key}", f"{path} is not a readable file")
+    numbers = {key: r.get(table, key, "submission", int, default) for key, default in (
+        ("max_message_bytes", 25 * 2**20), ("max_failures", 5), ("max_failures_per_ip", 20),
+        ("failure_window_s", 900), ("lockout_s", 900), ("failure_delay_ms", 1000))}
+    for key, value in numbers.items():
+        if value is not None and value < (0 if key == "failure_delay_ms" else 1):
+            r.fail(f"submission.{key}", f"must be at least {0 if key == 'failure_delay_ms' else 1}")
+    return SubmissionSettings(
+        enabled=True, listen=_listen(r, table, "submission", "0.0.0.0:587"),
+        tls_listen=tls_listen, cert_file=cert_file, key_file=key_file,
+        tls_dir=r.get(table, "tls_dir", "submission", str, ""), **numbers)
+
+
+@dataclass(frozen=True, slots=True)
 class DepartmentSettings:
     name: str
     slug: str
@@ -43,6 +108,7 @@ class DepartmentSettings:
     addresses: tuple[str, ...]
     sla: DepartmentSla = field(default_factory=DepartmentSla)
     assignment: str = "none"  # none | round_robin | least_open (issue 13)
+    notify: str = "all"  # who is mailed new tickets and customer replies: all | owner | none
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +117,8 @@ class InboundSettings:
     max_message_bytes: int
     max_attachment_bytes: int
     trusted_authserv_ids: tuple[str, ...]
+    limits: InboundLimits = InboundLimits()  # connections, rates, timeouts (issue 11)
+    authentication: AuthSettings = AuthSettings()  # DKIM/SPF/DMARC, forwarders (issue 11)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +161,10 @@ class Settings:
     tickets: TicketSettings
     departments: tuple[DepartmentSettings, ...]
     relay: Listen  # where outbound mail goes (outbound issue)
-    submission: Listen  # agents' authenticated submission (agents issue)
+    submission: SubmissionSettings  # agents' authenticated submission (issue 6)
     web: Listen  # rating and verification links (web issue)
     imap: tuple[ImapSettings, ...] = ()  # mailboxes read over IMAP (issue 7)
+    alerts: AlertSettings = AlertSettings()  # operators' address for alert mails (issue 7)
     # SIGTERM: how long in-flight mails may take before the daemon stops anyway (issue 9)
     drain_timeout_s: float = 30.0
     outbound: OutboundSettings = OutboundSettings()  # relay options, outbox, acks, DKIM (issue 4)
@@ -171,11 +240,12 @@ _KIND_NAMES = {str: "a string", int: "an integer", list: "a list", dict: "a tabl
                bool: "true/false"}
 
 
-def _listen(r: _Reader, table: dict[str, Any], prefix: str, default: str) -> Listen:
-    value = r.get(table, "listen", prefix, str, default)
+def _listen(r: _Reader, table: dict[str, Any], prefix: str, default: str,
+            key: str = "listen") -> Listen:
+    value = r.get(table, key, prefix, str, default)
     host, sep, port = (value or default).rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        r.fail(f"{prefix}.listen", f"must look like HOST:PORT, not {value!r}")
+        r.fail(f"{prefix}.{key}", f"must look like HOST:PORT, not {value!r}")
         host, port = "127.0.0.1", "0"
     return Listen(host.strip("[]"), int(port))
 
@@ -200,8 +270,8 @@ def _address(r: _Reader, value: Any, dotted: str) -> str | None:
 
 def _department(r: _Reader, table: dict[str, Any], index: int) -> DepartmentSettings:
     prefix = f"departments[{index}]"
-    r.unknown(table, {"name", "slug", "language", "timezone", "addresses", "assignment"} |
-              SLA_KEYS, prefix)
+    r.unknown(table, {"name", "slug", "language", "timezone", "addresses", "assignment",
+                      "notify"} | SLA_KEYS, prefix)
     name = r.get(table, "name", prefix, str, _REQUIRED) or f"#{index}"
     slug = r.get(table, "slug", prefix, str, re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
     language = r.get(table, "language", prefix, str, "en")
@@ -222,7 +292,11 @@ def _department(r: _Reader, table: dict[str, Any], index: int) -> DepartmentSett
     assignment = r.get(table, "assignment", prefix, str, "none")
     if assignment not in STRATEGIES:
         r.fail(f"{prefix}.assignment", f"must be one of {', '.join(STRATEGIES)}")
-    return DepartmentSettings(name, slug, language, timezone, addresses, sla, assignment)
+    notify = r.get(table, "notify", prefix, str, "all")
+    if notify not in NOTIFY_MODES:
+        r.fail(f"{prefix}.notify", f"must be one of {', '.join(NOTIFY_MODES)}, not {notify!r}")
+    return DepartmentSettings(name, slug, language, timezone, addresses, sla, assignment,
+                              notify)
 
 
 def _secret(r: _Reader, tickets: dict[str, Any]) -> bytes:
@@ -258,7 +332,7 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
         raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
     r = _Reader(text, source)
     known = {"hostname", "log_level", "database", "inbound", "tickets", "departments", "relay",
-             "imap",
+             "imap", "alerts",
              "submission", "web", "drain_timeout_s"} | SECTIONS | RULES_KEYS
     r.unknown(data, known, "")
     hostname = r.get(data, "hostname", "", str, "deskgate.localdomain")
@@ -273,12 +347,15 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
     if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
         r.fail("database.url", "must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
     inbound = _section(r, data, "inbound", {"listen", "max_message_bytes",
-                                            "max_attachment_bytes", "trusted_authserv_ids"})
+                                            "max_attachment_bytes", "trusted_authserv_ids"}
+                       | LIMIT_KEYS | AUTH_INBOUND_KEYS)
     inbound_settings = InboundSettings(
         listen=_listen(r, inbound, "inbound", "127.0.0.1:2525"),
         max_message_bytes=r.get(inbound, "max_message_bytes", "inbound", int, 50 * 2**20),
         max_attachment_bytes=r.get(inbound, "max_attachment_bytes", "inbound", int, 20 * 2**20),
         trusted_authserv_ids=tuple(r.get(inbound, "trusted_authserv_ids", "inbound", list, [])),
+        limits=parse_inbound_limits(r, inbound),
+        authentication=parse_auth_settings(r, inbound),
     )
     tickets = _section(r, data, "tickets", {"tag_format", "follow_up_window_days", "secret",
                                             "secret_file", "scheduler_tick_s"})
@@ -294,24 +371,25 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
     tables = r.get(data, "departments", "", list, [])
     departments = [_department(r, t, i) for i, t in enumerate(tables) if isinstance(t, dict)]
     _check_departments(r, departments)
-    imap = parse_imap(r, data, departments)
+    alerts = parse_alerts(r, data)
+    imap = parse_imap(r, data, departments, alerts)
     listens = {
         name: _listen(r, _section(r, data, name, RELAY_KEYS if name == "relay" else
                       WEB_KEYS if name == "web" else {"listen"}),
                       name, default)
-        for name, default in (("relay", "127.0.0.1:2526"), ("submission", "127.0.0.1:2587"),
-                              ("web", "127.0.0.1:8080"))
+        for name, default in (("relay", "127.0.0.1:2526"), ("web", "127.0.0.1:8080"))
     }
+    submission = _submission(r, data)
     outbound = read_outbound(r, data)
     rules = parse_rules_settings(r, data, frozenset(d.slug for d in departments))
     web_links = _web_links(r, data)
     if r.problems:
         raise ConfigError(r.problems)
-    return Settings(imap=imap, outbound=outbound, rules=rules, web_links=web_links,
+    return Settings(imap=imap, alerts=alerts, outbound=outbound, rules=rules, web_links=web_links,
                     source=source, hostname=hostname, database_url=url, log_level=log_level,
                     inbound=inbound_settings, tickets=ticket_settings,
                     departments=tuple(departments), drain_timeout_s=float(drain_timeout_s),
-                    **listens)
+                    submission=submission, **listens)
 
 
 def find_config(explicit: str | None) -> Path:

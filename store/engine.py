@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -56,6 +59,50 @@ def make_engine(url: str) -> AsyncEngine:
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
+class WriterQueue:
+    """SQLite's one writer, queued in the process: group-commit batches in one lane, every
+    other writer (a big mail's own transaction, the relay worker, the scheduler) in the other.
+    The lanes take turns when both wait, so a small mail's batch waits behind at most one
+    big mail's transaction, not behind all of them (issue 10), and the others never starve."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._lanes: tuple[deque[asyncio.Future[None]], ...] = (deque(), deque())
+        self._last = 0
+
+    @asynccontextmanager
+    async def hold(self, lane: int) -> AsyncIterator[None]:
+        await self._acquire(lane)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, lane: int) -> None:
+        if not self._held and not any(self._lanes):
+            self._held, self._last = True, lane
+            return
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._lanes[lane].append(turn)
+        try:
+            await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():  # handed to us as we were cancelled
+                self._release()
+            raise
+
+    def _release(self) -> None:
+        for lane in (1 - self._last, self._last):
+            waiting = self._lanes[lane]
+            while waiting:
+                turn = waiting.popleft()
+                if not turn.done():  # done: its waiter was cancelled meanwhile
+                    self._last = lane
+                    turn.set_result(None)
+                    return
+        self._held = False
+
+
 class Store:
     """The database handle passed down from the composition root; no module-level engine."""
 
@@ -65,12 +112,13 @@ class Store:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer; queueing writers here is cheaper than its busy loop.
-        self._write_lock = asyncio.Lock() if self.is_sqlite else None
+        self._writers = WriterQueue() if self.is_sqlite else None
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[AsyncSession]:
-        """One transaction: committed when the block ends, rolled back on any exception."""
-        async with self._write_lock or nullcontext():
+    async def transaction(self, batch: bool = False) -> AsyncIterator[AsyncSession]:
+        """One transaction: committed when the block ends, rolled back on any exception.
+        batch: a group-commit batch (its own lane in SQLite's writer queue)."""
+        async with self._writers.hold(int(batch)) if self._writers else nullcontext():
             async with self.sessions() as session, session.begin():
                 yield session
 
@@ -83,3 +131,125 @@ class Store:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+class CommitFailed(Exception):
+    """BEGIN or COMMIT of a group-commit batch failed: nothing of the batch was kept.
+    The store's own error is the __cause__."""
+
+
+T = TypeVar("T")
+Unit = Callable[[AsyncSession], Awaitable[T]]
+
+
+@dataclass(slots=True, eq=False)
+class _Queued(Generic[T]):
+    unit: Unit[T]
+    future: asyncio.Future[T]
+    attempts: int
+    on_conflict: Callable[[int, IntegrityError], None] | None
+    attempt: int = 0
+
+
+class GroupCommit:
+    """Units of work from concurrent callers share one transaction and one commit.
+
+    Each unit runs in its own SAVEPOINT inside the batch's transaction, so a unit that fails
+    rolls back alone and its neighbours go on; a unit that hits IntegrityError (another
+    instance wrote the same row first) is queued again, up to `attempts` times. `run`
+    returns only after the COMMIT holding the unit succeeded (DESIGN 4: 250 after commit);
+    when BEGIN or COMMIT fails, every caller of that batch gets CommitFailed and nothing
+    of the batch is kept. No added wait: while one batch commits, the next one gathers
+    (`linger_s` can add a wait), at most `max_batch` units each.
+    """
+
+    def __init__(self, store: Store, max_batch: int = 64, linger_s: float = 0.0,
+                 writers: int | None = None) -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self.linger_s = linger_s
+        # SQLite has one writer anyway; PostgreSQL overlaps one batch's round trips with
+        # the next one's statements.
+        self.writers = writers or (1 if store.is_sqlite else 2)
+        self._queue: list[_Queued[Any]] = []
+        self._running = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0  # committed batches, for tests and metrics
+        self.largest = 0  # most units one transaction held (committed or not)
+
+    async def run(self, unit: Unit[T], attempts: int = 3,
+                  on_conflict: Callable[[int, IntegrityError], None] | None = None) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(unit, future, attempts, on_conflict))
+        self._kick()
+        return await future
+
+    def _kick(self) -> None:
+        while self._queue and self._running < self.writers:
+            self._running += 1
+            task = asyncio.get_running_loop().create_task(self._drain())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                if self.linger_s and len(self._queue) < self.max_batch:
+                    await asyncio.sleep(self.linger_s)
+                await self._batch()
+        finally:
+            self._running -= 1
+            if self._queue:
+                self._kick()
+
+    def _take(self, room: int) -> list[_Queued[Any]]:
+        taken = [q for q in self._queue[:room] if not q.future.done()]
+        del self._queue[:room]
+        return taken
+
+    async def _batch(self) -> None:
+        batch = self._take(self.max_batch)
+        answers: list[tuple[_Queued[Any], Any]] = []
+        again: list[_Queued[Any]] = []
+        try:
+            async with self.store.transaction(batch=True) as session:
+                # Whoever queued while we waited for the write lock joins this commit.
+                batch += self._take(self.max_batch - len(batch))
+                self.largest = max(self.largest, len(batch))
+                for queued in batch:
+                    if not queued.future.done():  # done: the caller went away
+                        await self._one(session, queued, answers, again)
+        except Exception as exc:  # BEGIN or COMMIT failed: the whole batch is rolled back
+            for queued in batch:
+                if not queued.future.done():
+                    failed = CommitFailed(f"{type(exc).__name__} ({len(batch)} in the batch)")
+                    failed.__cause__ = exc
+                    queued.future.set_exception(failed)
+            return
+        except BaseException:  # cancelled (loop shutting down): the callers go with us
+            for queued in batch:
+                queued.future.cancel()
+            raise
+        self.batches += 1
+        for queued, result in answers:
+            if not queued.future.done():
+                queued.future.set_result(result)
+        self._queue[:0] = again
+
+    @staticmethod
+    async def _one(session: AsyncSession, queued: _Queued[Any],
+                   answers: list[tuple[_Queued[Any], Any]], again: list[_Queued[Any]]) -> None:
+        """One unit in its savepoint; its failure is its caller's alone."""
+        try:
+            async with session.begin_nested():
+                answers.append((queued, await queued.unit(session)))
+        except IntegrityError as exc:
+            queued.attempt += 1
+            if queued.on_conflict is not None:
+                queued.on_conflict(queued.attempt, exc)
+            if queued.attempt < queued.attempts:
+                again.append(queued)
+            else:
+                queued.future.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 — delivered to the unit's caller
+            queued.future.set_exception(exc)

@@ -273,6 +273,16 @@ class Event(Base):
     at: Mapped[datetime]
 
 
+class RateCount(Base):
+    """Inbound SMTP mails per rate-limit key and time bucket, added up by every instance
+    (issue 11); buckets older than the window are deleted."""
+
+    __tablename__ = "rate_counts"
+    key: Mapped[str] = mapped_column(String(400), primary_key=True)  # sender:…, domain:…, ip:…
+    bucket: Mapped[int] = mapped_column(BigInteger, primary_key=True, index=True)  # start, epoch s
+    hits: Mapped[int] = mapped_column(Integer)
+
+
 class ImapMailbox(Base):
     """IMAP checkpoints: exactly-once import across restarts (UIDVALIDITY + last UID)."""
 
@@ -284,3 +294,11 @@ class ImapMailbox(Base):
     backlog: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     last_polled_at: Mapped[datetime | None]
+    # from = "all": UIDs below this one are the mailbox's history (no acks, issue 7).
+    history_below: Mapped[int | None] = mapped_column(BigInteger)
+    # First UID of the last imported group (up to last_uid): its after-import action may
+    # not have run (crash, failure), so a reconnect applies it again. None after a skipped
+    # message or a fresh start.
+    action_uid: Mapped[int | None] = mapped_column(BigInteger)
+    # The operators were mailed about the current outage (once per outage, issue 7).
+    alerted_at: Mapped[datetime | None]

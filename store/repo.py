@@ -87,6 +87,13 @@ async def tickets_by_message_ids(session: AsyncSession, ids: Sequence[str]
     return {row[5]: _ref(row) for row in rows}
 
 
+async def sent_message_ids(session: AsyncSession, ids: Sequence[str]) -> frozenset[str]:
+    """Which of these Message-IDs are of mail we sent (acknowledgements, agents' replies)."""
+    found = await session.scalars(select(Message.message_id).where(
+        Message.message_id.in_(list(ids)[:100]), Message.direction == "out"))
+    return frozenset(i for i in found if i)
+
+
 async def ticket_ref(session: AsyncSession, number: int) -> TicketRef | None:
     row = (await session.execute(_ref_query().where(Ticket.number == number))).first()
     return _ref(row) if row else None
@@ -104,14 +111,19 @@ async def is_participant(session: AsyncSession, ticket_id: int, email: str) -> b
 
 async def upsert_contact(session: AsyncSession, email: str, name: str, now: datetime,
                          account_id: int | None = None) -> int:
-    await session.execute(insert_ignore(session, Contact).values(
-        email=email, name=name, created_at=now, account_id=account_id))
-    contact_id = await session.scalar(select(Contact.id).where(Contact.email == email))
-    assert contact_id is not None
-    if name:
-        await session.execute(update(Contact).where(Contact.id == contact_id, Contact.name == "")
+    """The contact's id, made if new (insert-or-ignore: instances may race); a name fills an
+    empty one. A known contact, the common case, costs one SELECT."""
+    query = select(Contact.id, Contact.name).where(Contact.email == email)
+    row = (await session.execute(query)).first()
+    if row is None:
+        await session.execute(insert_ignore(session, Contact).values(
+            email=email, name=name, created_at=now, account_id=account_id))
+        row = (await session.execute(query)).first()
+        assert row is not None
+    if name and not row[1]:
+        await session.execute(update(Contact).where(Contact.id == row[0], Contact.name == "")
                               .values(name=name))
-    return contact_id
+    return int(row[0])
 
 
 async def put_raw(session: AsyncSession, sha256: str, content: bytes, now: datetime) -> None:

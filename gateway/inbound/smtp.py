@@ -13,6 +13,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from gateway.errors import StoreUnavailable
+from gateway.inbound.limits import ConnectionGate, RateLimiter, client_ip
 from gateway.ingest.addresses import RouteKind
 from gateway.ingest.model import Envelope
 from gateway.ingest.pipeline import Outcome, Pipeline
@@ -20,12 +21,18 @@ from gateway.replies import (
     R250_DUPLICATE,
     R250_QUARANTINED,
     R421_SHUTTING_DOWN,
+    R421_TIMEOUT,
+    R421_TOO_MANY_CONNECTIONS,
     R451_TEMPORARY,
+    R452_TOO_MANY_RECIPIENTS,
+    R500_LINE_TOO_LONG,
     R550_NO_SUCH_ADDRESS,
     R552_TOO_BIG,
     R554_RELAY_DENIED,
+    rate_limited,
     stored,
 )
+from gateway.settings_limits import InboundLimits
 from gateway.web.metrics import Metrics
 
 log = structlog.get_logger("deskgate.smtp")
@@ -34,11 +41,20 @@ log = structlog.get_logger("deskgate.smtp")
 _LIBRARY_REPLIES = {
     "552 Error: message size exceeds fixed maximum message size": R552_TOO_BIG,
     "552 Error: Too much mail data": R552_TOO_BIG,
+    # RFC 5321 4.5.3.1.6: 1000 octets a line. aiosmtpd drains the line, never buffers it.
+    "500 Command line too long": R500_LINE_TOO_LONG,
+    "500 Line too long (see RFC5321 4.5.3.1.6)": R500_LINE_TOO_LONG,
 }
+# Library replies that mean an abuse limit was hit (issue 11): the metric's label.
+_LIMIT_OF_REPLY = {R500_LINE_TOO_LONG: "line_length"}
 
 
 class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with our wording for the replies it makes on its own."""
+
+    data_timeout_s: float = 600.0  # 354 to the final dot, whole (RFC 5321 4.5.3.2.6)
+    _refused = False  # over a connection limit: answered 421, aiosmtpd never started
+    _gate_key: str | None = None  # the per-IP count this connection holds (None: exempt)
 
     def __dir__(self) -> Iterable[str]:
         # aiosmtpd's __init__ finds its smtp_*/auth_* methods and the handler's handle_*
@@ -49,19 +65,59 @@ class GatewaySMTP(SMTP):
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
             status = _LIBRARY_REPLIES.get(status, status)
+            limit = _LIMIT_OF_REPLY.get(status) or (
+                "commands" if status.endswith(" sent too many times") else None)
+            if limit and isinstance(self.event_handler, InboundHandler) and self.session:
+                self.event_handler.note_limit(limit, self.session, reply=status)
         await super().push(status)
         if isinstance(status, str) and status.startswith("421") and self.transport is not None:
             self.transport.close()  # RFC 5321 3.8: after 421 the server closes the channel
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        handler = self.event_handler
+        if isinstance(handler, InboundHandler) and self.transport is None:
+            # Before the banner (issue 11): over a limit, 421 and close, no session at all.
+            peer = transport.get_extra_info("peername")
+            reason, self._gate_key = handler.connections.admit(client_ip(peer),
+                                                               handler.limits())
+            if reason:
+                self._refused = True
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(R421_TOO_MANY_CONNECTIONS.encode() + b"\r\n")
+                transport.close()
+                handler.note_limit(reason, peer)
+                return
         super().connection_made(transport)
         if isinstance(self.event_handler, InboundHandler):  # the drain needs to see sessions
             self.event_handler.sessions.add(self)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._refused:
+            return  # nothing of aiosmtpd's was set up
         if isinstance(self.event_handler, InboundHandler):
             self.event_handler.sessions.discard(self)
+            if self.transport is not None:  # once, also after STARTTLS
+                self.event_handler.connections.release(self._gate_key)
         super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes silently; RFC 5321 4.2 lets us say why first (421, then close).
+        if self.transport is not None and not self.transport.is_closing():
+            assert isinstance(self.transport, asyncio.WriteTransport)
+            self.transport.write(R421_TIMEOUT.encode() + b"\r\n")
+        if isinstance(self.event_handler, InboundHandler) and self.session is not None:
+            self.event_handler.note_limit("timeout", self.session)
+        super()._timeout_cb()
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd's timer runs from the DATA command to the end of the mail without a reset
+        # per line: a client trickling its mail is bounded by this, not by an idle timeout.
+        self._reset_timeout(self.data_timeout_s)
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
 
     @property
     def in_transaction(self) -> bool:
@@ -87,6 +143,19 @@ class InboundHandler:
         self.idle.set()
         self.sessions: set[GatewaySMTP] = set()
         self.metrics: Metrics | None = None  # set by the composition root when it has one
+        self.connections = ConnectionGate()  # open connections per client (issue 11)
+        self.rates: RateLimiter | None = None  # mail rates; the composition root sets it
+
+    def limits(self) -> InboundLimits:
+        """Read per connection and per mail: SIGHUP may have changed them."""
+        return self.pipeline.settings.inbound.limits
+
+    def note_limit(self, limit: str, peer: Any, **fields: Any) -> None:
+        """An abuse limit answered (issue 11): one log line and the metric."""
+        peer = _peer(peer) if isinstance(peer, Session) else _peer_of(peer)
+        log.warning("smtp.limited", limit=limit, peer=peer, **fields)
+        if self.metrics:
+            self.metrics.observe_limit(limit)
 
     @property
     def busy(self) -> bool:
@@ -107,12 +176,19 @@ class InboundHandler:
                           address: str, mail_options: list[str]) -> str:
         if not self.accepting:
             return R421_SHUTTING_DOWN
+        over = self.rates.check(address, client_ip(session.peer)) if self.rates else None
+        if over is not None:  # 451 4.7.1: the MTA retries later (issue 11)
+            self.note_limit(f"rate_{over.kind}", session, sender=address, per_window=over.limit)
+            return rate_limited(over.kind)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: SMTPEnvelope,
                           address: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.limits().max_recipients:  # RFC 5321 4.5.3.1.10
+            self.note_limit("recipients", session, rcpt=address)
+            return R452_TOO_MANY_RECIPIENTS
         route = self.pipeline.route(address)
         if not route.accepted:
             reason = "relay" if route.kind is RouteKind.RELAY else "unknown"
@@ -164,7 +240,10 @@ def _protocol_names(cls: type) -> tuple[str, ...]:
 
 
 def _peer(session: Session) -> str:
-    peer = session.peer
+    return _peer_of(session.peer)
+
+
+def _peer_of(peer: Any) -> str:
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
@@ -178,9 +257,13 @@ async def start_inbound(handler: InboundHandler, host: str, port: int, hostname:
         # hostname= given: aiosmtpd would otherwise call socket.getfqdn() per connection.
         # The size limit is read per connection: SIGHUP may have changed it (issue 9).
         limit = handler.pipeline.settings.inbound.max_message_bytes or max_message_bytes
-        return GatewaySMTP(handler, hostname=hostname, ident="deskgate ESMTP",
-                           data_size_limit=limit, enable_SMTPUTF8=True,
-                           decode_data=False, loop=loop)
+        limits = handler.limits()  # timeouts and command budgets (issue 11)
+        protocol = GatewaySMTP(handler, hostname=hostname, ident="deskgate ESMTP",
+                               data_size_limit=limit, enable_SMTPUTF8=True,
+                               decode_data=False, loop=loop, timeout=limits.session_timeout_s,
+                               command_call_limit=limits.command_call_limit())
+        protocol.data_timeout_s = limits.data_timeout_s
+        return protocol
 
     # reuse_port: several worker processes bind the same port; the kernel spreads connections.
     return await loop.create_server(factory, host=host, port=port, reuse_address=True,

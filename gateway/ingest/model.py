@@ -15,6 +15,9 @@ class Envelope:
     rcpt_tos: tuple[str, ...]
     peer: str = ""
     channel: str = "smtp"  # smtp | pipe | imap | reprocess
+    # An IMAP first import with from = "all" (issue 7): stored as the mailbox's history, so
+    # the after-store hooks send no acknowledgement and no notification.
+    history: bool = False
 
 
 @dataclass(frozen=True, slots=True)

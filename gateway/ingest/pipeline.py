@@ -23,14 +23,15 @@ from gateway.ingest.addresses import (
     route_recipient,
     tag_pattern,
 )
+from gateway.ingest.authcheck import AuthChecker, AuthOutcome
 from gateway.ingest.identify import (
     ThreadDecision,
     ThreadEvidence,
     normalize_address,
-    sender_authenticated,
     thread,
 )
 from gateway.ingest.model import Classification, Envelope, ParsedMail
+from gateway.ingest.offload import in_process
 from gateway.ingest.parse import parse
 from gateway.ingest.readable import (
     DEFAULT_CID_URL,
@@ -47,7 +48,7 @@ from gateway.tickets.assignment import pick_owner
 from gateway.tickets.lifecycle import Action, Decision, decide
 from gateway.tickets.sla import due_dates, is_open
 from store import repo
-from store.engine import Store
+from store.engine import CommitFailed, GroupCommit, Store
 from store.models import Message, Quarantine, Ticket
 
 log = structlog.get_logger("deskgate.ingest")
@@ -104,6 +105,7 @@ class _Context:
     fingerprint: str
     authenticated: bool | None
     reply_to: str | None  # first usable Reply-To address, normalized
+    auth_results: str | None = None  # our Authentication-Results value (authcheck)
     rules: RuleOutcome | None = None  # the operator's rules, for new tickets
     plan: TicketPlan | None = None  # what the new ticket became
     # Readable view: CPU-heavy (quote parsing, language guess), so made before the
@@ -170,6 +172,8 @@ class Pipeline:
         self.after_store: list[AfterStore] = []
         self.cid_url = DEFAULT_CID_URL  # where html_safe points cid: images (issue 12)
         self.intercepts: list[Intercept] = []
+        self.auth = AuthChecker(settings.inbound.authentication, settings.hostname)
+        self.commits = GroupCommit(store)  # concurrent mails share a commit (DESIGN 4)
 
     async def start(self) -> None:
         async with self.store.transaction() as session:
@@ -183,19 +187,53 @@ class Pipeline:
         if not routes:
             return Verdict(Outcome.REJECTED, reason="no recipient is one of our addresses")
         if len(raw) > PARSE_IN_THREAD_BYTES:
-            mail, sha, failure = await asyncio.to_thread(_parse_and_hash, raw)
+            mail, sha, failure = await in_process(_parse_and_hash, raw)  # off the GIL
         else:
             mail, sha, failure = _parse_and_hash(raw)
         bound = log.bind(peer=envelope.peer, channel=envelope.channel, raw=sha[:16])
         if mail is None or mail.fatal:
             return await self._quarantine(raw, sha, envelope, failure or str(mail and mail.fatal),
                                           bound)
+        auth = await self.auth.check(raw, mail, envelope)  # DNS: in a thread, time-bounded
         if len(raw) > PARSE_IN_THREAD_BYTES:
-            ctx = await asyncio.to_thread(self._context, raw, sha, envelope, mail, routes)
+            ctx = await asyncio.to_thread(self._context, raw, sha, envelope, mail, routes, auth)
         else:
-            ctx = self._context(raw, sha, envelope, mail, routes)
+            ctx = self._context(raw, sha, envelope, mail, routes, auth)
         bound = bound.bind(message_id=mail.message_id, department=routes[0].department,
                            rules=[h.rule for h in ctx.classification.hits])
+        if len(raw) > PARSE_IN_THREAD_BYTES:  # a big mail would hold up a whole batch
+            return await self._store_alone(ctx, bound)
+        return await self._store_batched(ctx, bound)
+
+    async def _store_batched(self, ctx: _Context, bound: Any) -> Verdict:
+        """Group commit: this mail's writes share a transaction with concurrent mails, each
+        in its own savepoint; returns once the commit holding them is durable."""
+        def conflict(attempt: int, exc: IntegrityError) -> None:
+            # Another session or instance committed the same mail (or contact) first; the
+            # next attempt (next batch) sees its rows and answers duplicate.
+            bound.info("ingest.conflict", attempt=attempt, error=type(exc.orig).__name__)
+
+        try:
+            verdict, log_done = await self.commits.run(
+                lambda session: self._store_in(session, ctx, bound), on_conflict=conflict)
+        except CommitFailed as exc:
+            cause = exc.__cause__
+            error = cause.strerror if isinstance(cause, OSError) else type(cause).__name__
+            bound.error("ingest.store_unavailable", error=error, batch=str(exc))
+            raise StoreUnavailable(f"store unavailable: {error}") from exc
+        except IntegrityError as exc:
+            raise StoreUnavailable("store conflict did not settle after 3 attempts") from exc
+        except SQLAlchemyError as exc:
+            bound.error("ingest.store_unavailable", error=type(exc).__name__)
+            raise StoreUnavailable(f"store unavailable: {type(exc).__name__}") from exc
+        except OSError as exc:
+            bound.error("ingest.store_unavailable", error=exc.strerror)
+            raise StoreUnavailable(f"store unavailable: {exc.strerror}") from exc
+        log_done()
+        return verdict
+
+    async def _store_alone(self, ctx: _Context, bound: Any) -> Verdict:
+        """One mail, one transaction: retried when another writer committed it first."""
         for attempt in range(3):
             try:
                 return await self._store(ctx, bound)
@@ -212,40 +250,48 @@ class Pipeline:
         raise StoreUnavailable("store conflict did not settle after 3 attempts")
 
     def _context(self, raw: bytes, sha: str, envelope: Envelope, mail: ParsedMail,
-                 routes: list[Route]) -> _Context:
+                 routes: list[Route], auth: AuthOutcome) -> _Context:
         sender = normalize_address(mail.from_addr) or normalize_address(envelope.mail_from)
         return _Context(
             raw=raw, sha256=sha, envelope=envelope, mail=mail, routes=routes,
             classification=classify(mail, envelope, self.own_addresses), sender=sender,
             fingerprint=fingerprint(mail),
             reply_to=next(filter(None, map(normalize_address, mail.reply_to)), None),
-            authenticated=sender_authenticated(mail, self.settings.inbound.trusted_authserv_ids),
+            authenticated=auth.authenticated, auth_results=auth.header,
             view=readable_or_plain(mail, self.cid_url),
         )
 
     async def _store(self, ctx: _Context, bound: Any) -> Verdict:
         async with self.store.transaction() as session:
-            duplicate = await repo.find_by_fingerprint(session, ctx.fingerprint)
-            if duplicate is not None:
-                bound.info("ingest.duplicate", ticket=duplicate[1])
-                return Verdict(Outcome.DUPLICATE, duplicate[1], "already stored")
-            incoming = Incoming(ctx.raw, ctx.sha256, ctx.mail, ctx.envelope, tuple(ctx.routes),
-                                ctx.classification, self.clock())
-            for intercept in self.intercepts:
-                if (consumed := await intercept(session, incoming)) is not None:
-                    bound.info("ingest.consumed", ticket=consumed.ticket_number,
-                               reason=consumed.reason)
-                    return consumed
-            threading, decision, now = await self._decide(session, ctx)
-            if decision.action is Action.QUARANTINE:
-                verdict = await self._quarantine_in(session, ctx.raw, ctx.sha256, ctx.envelope,
-                                                    decision.reason, now)
-            else:
-                verdict = await self._apply(session, ctx, threading, decision, now)
-        bound.info("ingest.stored", outcome=verdict.outcome.value, ticket=verdict.ticket_number,
-                   thread=threading.step, kind=ctx.classification.kind.value,
-                   reason=verdict.reason or None)
+            verdict, log_done = await self._store_in(session, ctx, bound)
+        log_done()
         return verdict
+
+    async def _store_in(self, session: AsyncSession, ctx: _Context, bound: Any
+                        ) -> tuple[Verdict, Callable[[], None]]:
+        """One mail's writes inside a transaction the caller commits; the second value logs
+        the outcome and is called only once that commit succeeded."""
+        duplicate = await repo.find_by_fingerprint(session, ctx.fingerprint)
+        if duplicate is not None:
+            return (Verdict(Outcome.DUPLICATE, duplicate[1], "already stored"),
+                    lambda: bound.info("ingest.duplicate", ticket=duplicate[1]))
+        incoming = Incoming(ctx.raw, ctx.sha256, ctx.mail, ctx.envelope, tuple(ctx.routes),
+                            ctx.classification, self.clock())
+        for intercept in self.intercepts:
+            if (consumed := await intercept(session, incoming)) is not None:
+                return consumed, lambda: bound.info("ingest.consumed",
+                                                    ticket=consumed.ticket_number,
+                                                    reason=consumed.reason)
+        threading, decision, now = await self._decide(session, ctx)
+        if decision.action is Action.QUARANTINE:
+            verdict = await self._quarantine_in(session, ctx.raw, ctx.sha256, ctx.envelope,
+                                                decision.reason, now)
+        else:
+            verdict = await self._apply(session, ctx, threading, decision, now)
+        return verdict, lambda: bound.info(
+            "ingest.stored", outcome=verdict.outcome.value, ticket=verdict.ticket_number,
+            thread=threading.step, kind=ctx.classification.kind.value,
+            reason=verdict.reason or None)
 
     async def _decide(self, session: AsyncSession, ctx: _Context
                       ) -> tuple[ThreadDecision, Decision, datetime]:
@@ -271,7 +317,8 @@ class Pipeline:
         mail, sha, failure = _parse_and_hash(raw)
         if mail is None or mail.fatal:
             return {"outcome": Outcome.QUARANTINED.value, "reason": failure or mail and mail.fatal}
-        ctx = self._context(raw, sha, envelope, mail, routes)
+        ctx = self._context(raw, sha, envelope, mail, routes,
+                            await self.auth.check(raw, mail, envelope))
         async with self.store.read() as session:  # rolled back on close
             if await repo.find_by_fingerprint(session, ctx.fingerprint) is not None:
                 return {"outcome": Outcome.DUPLICATE.value, "reason": "already stored"}
@@ -351,8 +398,11 @@ class Pipeline:
             by_tag = await repo.ticket_ref(session, tag)
             if by_tag is not None and ctx.sender:
                 participant = await repo.is_participant(session, by_tag.id, ctx.sender)
-        evidence = ThreadEvidence(await repo.tickets_by_message_ids(session, ids), by_token,
-                                  by_tag, participant)
+        by_id = await repo.tickets_by_message_ids(session, ids)
+        # Failed authentication: only our own Message-IDs thread (DESIGN 4, Authenticity).
+        sent = await repo.sent_message_ids(session, list(by_id)) \
+            if by_id and ctx.authenticated is False else frozenset()
+        evidence = ThreadEvidence(by_id, by_token, by_tag, participant, sent)
         return thread(mail, evidence, ctx.authenticated)
 
     async def _apply(self, session: AsyncSession, ctx: _Context, threading: ThreadDecision,
@@ -439,10 +489,13 @@ class Pipeline:
                           await repo.assignment_candidates(session, dept_id))
 
     async def _account_id(self, session: AsyncSession, sender: str, now: datetime) -> int | None:
-        name = await self._account_name(session, sender)
-        if name is None:
-            return None
-        return await repo.ensure_account(session, name, [sender.rsplit("@", 1)[-1]], now)
+        domain = sender.rsplit("@", 1)[-1]
+        found = await repo.account_for_domain(session, domain) if domain else None
+        if found is not None:  # a known company: the domain is already its own
+            return found[0]
+        if not domain or domain in self.settings.rules.free_mail_domains:
+            return None  # as _account_name: a free-mail sender belongs to no account
+        return await repo.ensure_account(session, domain, [domain], now)
 
     def _message_row(self, ctx: _Context, ticket_id: int, now: datetime) -> Message:
         mail = ctx.mail
@@ -455,7 +508,7 @@ class Pipeline:
             to=list(mail.to), cc=list(mail.cc), subject=mail.subject, date=mail.date,
             received_at=now, text=view.text, html=mail.html, visible_text=view.visible_text,
             html_safe=view.html_safe, language=view.language,
-            auth_results=mail.header("authentication-results"), raw_sha256=ctx.sha256,
+            auth_results=ctx.auth_results, raw_sha256=ctx.sha256,
             envelope_from=ctx.envelope.mail_from, envelope_to=list(ctx.envelope.rcpt_tos),
             peer=ctx.envelope.peer, channel=ctx.envelope.channel,
             rule_hits=[{"rule": h.rule, "reason": h.reason} for h in ctx.classification.hits],

@@ -85,6 +85,8 @@ class AckHook:
     async def __call__(self, session: AsyncSession, stored: StoredMail) -> Events:
         if not (stored.created or stored.reopened):
             return []  # an ordinary reply: nothing to say, nothing to log
+        if stored.envelope.history:  # an IMAP mailbox's past, imported with from = "all"
+            return [("ack_suppressed", {"reason": "imported history"})]
         if stored.suppress_ack:  # an operator's rule said so (issue 13)
             log.info("ack.suppressed", ticket=stored.ticket_number, reason="rule")
             return [("ack_suppressed", {"reason": "suppressed by a rule"})]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +18,11 @@ from gateway.outbound.render import Rendered
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
 _WIRE = compat32.clone(linesep="\r\n")
+# Anything a reader may take for a line end (CR, LF, VT, FF, NEL, U+2028/9) or that has no
+# place in a header (other C0 controls, DEL): names, subjects and addresses come from mail
+# and configuration, and one of these would end our header early or start a new one.
+_NOT_IN_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]+")
+_HEADER_NAME = re.compile(r"^[!-9;-~]+$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +58,29 @@ def tagged_subject(subject: str, tag: str) -> str:
     return subject if not tag or tag in subject else f"{tag} {subject}"
 
 
+def one_line(value: str) -> str:
+    """A header value that stays one header: line breaks and control characters -> space."""
+    return _NOT_IN_HEADER.sub(" ", value)
+
+
+def _msg_id(value: str) -> str:
+    return re.sub(r"[\s<>]", "", one_line(value))
+
+
 def _header(value: str, name: str) -> str | Header:
     # RFC 2047 only when needed; the email package's default policy costs ~4x as much.
-    return value if value.isascii() else Header(value, "utf-8", header_name=name)
+    # Text that looks like an encoded-word is encoded too, so readers show it literally.
+    value = one_line(value)
+    plain = value.isascii() and "=?" not in value
+    return value if plain else Header(value, "utf-8", header_name=name)
+
+
+def _address(name: str, addr: str) -> str:
+    """name <addr>, the name quoted or RFC 2047 encoded as it needs."""
+    name, addr = one_line(name), one_line(addr)
+    if "=?" in name:  # a literal encoded-word in a name would be decoded by the reader
+        return f"{Header(name, 'utf-8').encode()} <{addr}>"
+    return formataddr((name, addr), charset="utf-8")
 
 
 def _part(text: str, subtype: str) -> MIMEText:
@@ -63,26 +89,29 @@ def _part(text: str, subtype: str) -> MIMEText:
 
 def compose(rendered: Rendered, out: Outgoing, message_id: str | None = None) -> Composed:
     message_id = message_id or new_message_id(out.hostname)
-    subject = tagged_subject(rendered.subject, out.tag)
+    subject = one_line(tagged_subject(rendered.subject, out.tag))
     msg = MIMEMultipart("alternative", policy=compat32)
-    msg["From"] = formataddr((out.from_name, out.from_addr), charset="utf-8")
-    msg["To"] = out.to
+    msg["From"] = _address(out.from_name, out.from_addr)
+    msg["To"] = one_line(out.to)
     msg["Subject"] = _header(subject, "Subject")
     msg["Date"] = format_datetime(out.date)
     msg["Message-ID"] = f"<{message_id}>"
-    if out.in_reply_to:
-        msg["In-Reply-To"] = f"<{out.in_reply_to}>"
-    references = [*out.references[-20:], *([out.in_reply_to] if out.in_reply_to else [])]
-    if references:
-        msg["References"] = " ".join(f"<{r}>" for r in dict.fromkeys(references))
+    in_reply_to = _msg_id(out.in_reply_to or "")
+    if in_reply_to:
+        msg["In-Reply-To"] = f"<{in_reply_to}>"
+    references = [_msg_id(r) for r in out.references[-20:]] + [in_reply_to]
+    if any(references):
+        msg["References"] = " ".join(f"<{r}>" for r in dict.fromkeys(references) if r)
     if out.reply_to:
-        msg["Reply-To"] = formataddr((out.from_name, out.reply_to), charset="utf-8")
+        msg["Reply-To"] = _address(out.from_name, out.reply_to)
     # RFC 3834 5 and the Exchange equivalent: no robot should answer what we send (DESIGN 4).
-    msg["Auto-Submitted"] = out.auto_submitted
+    msg["Auto-Submitted"] = one_line(out.auto_submitted)
     msg["X-Auto-Response-Suppress"] = "All"
-    msg["Content-Language"] = out.language
-    for name, value in out.extra_headers:
-        msg[name] = _header(value, name)
+    msg["Content-Language"] = one_line(out.language)
+    for header, value in out.extra_headers:
+        if not _HEADER_NAME.match(header):
+            raise ValueError(f"not a header name: {header!r}")
+        msg[header] = _header(value, header)
     msg.attach(_part(rendered.text, "plain"))
     msg.attach(_part(rendered.html, "html"))
     # RFC 5322 2.3: CRLF on the wire; DKIM signs exactly these bytes.

@@ -12,11 +12,15 @@ from gateway.paths import templates_dir
 
 TEMPLATES = templates_dir()
 EVENTS = ("ack", "agent_reply", "rating_request", "verification", "invite", "notification",
-          "escalation")
+          "escalation", "agent_notice", "alert")
 SHIPPED = ("en", "de", "nl", "zh")
 
 # What `deskgate render EVENT` fills in, so an operator can check a template by eye.
 SAMPLES: dict[str, dict[str, Any]] = {
+    "alert": {"mailbox": "support-mailbox", "server": "imap.example.com:993",
+              "folder": "INBOX", "user": "support@example.com", "department": "Support",
+              "error": "login as support@example.com refused: NO [AUTHENTICATIONFAILED]",
+              "since": "2026-11-23 09:40 UTC", "hostname": "deskgate.example.com"},
     "ack": {"customer_name": "Jess Doe", "department": "Support", "ticket_number": 1234,
             "subject": "Refund for order 1234", "tag": "[#1234]"},
     "agent_reply": {"subject": "Refund for order 1234", "body": "Your refund is on its way.",
@@ -32,12 +36,23 @@ SAMPLES: dict[str, dict[str, Any]] = {
                      "verify_url": "https://helpdesk.example.com/verify/3f9c2a7d1b6e4f08a5c9d2e7b1f4a6c3"},
     "invite": {"agent_name": "Shawn", "department": "Support",
                "invite_url": "https://helpdesk.example.com/invite/abcdef"},
+    "agent_notice": {"agent_name": "Shawn", "department": "Support", "ticket_number": 1234,
+                     "tag": "[#1234]", "notice": "collision", "author": "Kim",
+                     "lines": ["Resend your mail with #force to send it anyway."],
+                     "quoted": "Your refund went out this morning."},
     "escalation": {"department": "Support", "ticket_number": 1234, "warning": False,
                    "subject": "Refund for order 1234", "customer": "jess@example.org",
                    "target": "first_response", "due_at": "2026-11-23 10:00 (Europe/Berlin)"},
-    "notification": {"customer": "Jess Doe <jess@example.org>", "department": "Support",
-                     "ticket_number": 1234, "subject": "Refund for order 1234",
-                     "excerpt": "Hello, I need a refund for order 1234."},
+    "notification": {"marker": "##- Please type your reply above this line -##",
+                     "event": "created", "customer": "Jess Doe <jess@example.org>",
+                     "customer_name": "Jess Doe", "customer_email": "jess@example.org",
+                     "department": "Support", "ticket_number": 1234, "tag": "[#1234]",
+                     "subject": "Refund for order 1234",
+                     "text": "Hello, I need a refund for order 1234.", "status": "open",
+                     "priority": "high", "owner": "Shawn",
+                     "due_at": "2026-11-24 10:00 (Europe/Berlin)",
+                     "previous": [{"number": 1180, "subject": "Login fails",
+                                   "status": "closed"}]},
 }
 
 

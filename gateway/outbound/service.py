@@ -14,6 +14,7 @@ from gateway.outbound import dkim, verify
 from gateway.outbound.ack import AckHook
 from gateway.outbound.bounces import record_bounce
 from gateway.outbound.catcher import CatchHandler, start_catcher
+from gateway.outbound.notify import NotifyHook
 from gateway.outbound.relay import Relay, RelayWorker
 from gateway.outbound.render import Renderer
 from gateway.settings import Settings
@@ -58,6 +59,7 @@ class Outbound:
         pipeline.intercepts.append(record_bounce)
         pipeline.intercepts.append(verify.VerificationIntercept(self._wake))
         pipeline.after_store.append(AckHook(self.settings, self.renderer, self._wake_soon))
+        pipeline.after_store.append(NotifyHook(self.settings, self.renderer, self._wake_soon))
 
     def _wake(self) -> None:
         if self.worker is not None:

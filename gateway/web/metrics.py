@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
+from datetime import datetime
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,6 +33,24 @@ class Metrics:
                             registry=self.registry)
         self.events = Gauge("deskgate_ticket_events", "Ticket events recorded, by type",
                             ["type"], registry=self.registry)
+        # IMAP mailboxes (issue 7): alert on deskgate_imap_alerting, or on the age of the
+        # last successful fetch.
+        self.imap_mails = Counter("deskgate_imap_mails", "IMAP mails by mailbox and outcome",
+                                  ["mailbox", "outcome"], registry=self.registry)
+        self.imap_failures = Gauge("deskgate_imap_failures", "Failed attempts in a row",
+                                   ["mailbox"], registry=self.registry)
+        self.imap_alerting = Gauge("deskgate_imap_alerting",
+                                   "1 while no fetch succeeded for alert_after_s", ["mailbox"],
+                                   registry=self.registry)
+        self.imap_last_success = Gauge("deskgate_imap_last_success_timestamp_seconds",
+                                       "Unix time of the last successful fetch", ["mailbox"],
+                                       registry=self.registry)
+        self.limited = Counter("deskgate_smtp_limited",
+                               "Inbound connections, commands and mails refused by an abuse "
+                               "limit, by limit", ["limit"], registry=self.registry)
+        self.logins = Counter("deskgate_submission_logins",
+                              "Submission AUTH attempts, by result (ok, failed, locked)",
+                              ["result"], registry=self.registry)
 
     def observe_mail(self, outcome: str, seconds: float) -> None:
         self.mails.labels(outcome).inc()
@@ -37,6 +58,26 @@ class Metrics:
 
     def observe_refusal(self, reason: str) -> None:
         self.refused.labels(reason).inc()
+
+    def imap_mail(self, mailbox: str, outcome: str) -> None:
+        self.imap_mails.labels(mailbox, outcome).inc()
+
+    def observe_imap(self, mailbox: str, failures: int, alerting: bool,
+                     last_success: datetime | None) -> None:
+        self.imap_failures.labels(mailbox).set(failures)
+        self.imap_alerting.labels(mailbox).set(1 if alerting else 0)
+        if last_success is not None:
+            self.imap_last_success.labels(mailbox).set(last_success.timestamp())
+
+    def forget_imap(self, mailbox: str) -> None:
+        """A mailbox removed by a reload: its series end instead of freezing."""
+        for gauge in (self.imap_failures, self.imap_alerting, self.imap_last_success):
+            with suppress(KeyError):
+                gauge.remove(mailbox)
+
+    def observe_limit(self, limit: str) -> None:
+        """An inbound abuse limit answered (issue 11): connections_per_ip, rate_sender, …"""
+        self.limited.labels(limit).inc()
 
     async def render(self, session: AsyncSession) -> bytes:
         for state, count in await session.execute(
