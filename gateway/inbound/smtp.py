@@ -134,7 +134,29 @@ class ShutdownRefuser(asyncio.Protocol):
         transport.close()
 
 
-class InboundHandler:
+class SessionsHandler:
+    """What the drain needs of an SMTP handler: its sessions and the mails in flight."""
+
+    sessions: set[Any]
+    inflight: int
+
+    @property
+    def busy(self) -> bool:
+        """Some session is mid-transaction: its mail must be answered before we stop."""
+        return bool(self.inflight) or any(s.in_transaction for s in self.sessions)
+
+    def hang_up_idle(self) -> None:
+        """After the drain: tell sessions still connected that we are going (421) and close."""
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.write(R421_SHUTTING_DOWN.encode() + b"\r\n")
+                session.transport.close()
+
+    def __dir__(self) -> Iterable[str]:
+        return _protocol_names(type(self))  # see GatewaySMTP.__dir__
+
+
+class InboundHandler(SessionsHandler):
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
         self.accepting = True
@@ -156,21 +178,6 @@ class InboundHandler:
         log.warning("smtp.limited", limit=limit, peer=peer, **fields)
         if self.metrics:
             self.metrics.observe_limit(limit)
-
-    @property
-    def busy(self) -> bool:
-        """Some session is mid-transaction: its mail must be answered before we stop."""
-        return bool(self.inflight) or any(s.in_transaction for s in self.sessions)
-
-    def hang_up_idle(self) -> None:
-        """After the drain: tell sessions still connected that we are going (421) and close."""
-        for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.write(R421_SHUTTING_DOWN.encode() + b"\r\n")
-                session.transport.close()
-
-    def __dir__(self) -> Iterable[str]:
-        return _protocol_names(type(self))  # see GatewaySMTP.__dir__
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: SMTPEnvelope,
                           address: str, mail_options: list[str]) -> str:

@@ -83,6 +83,13 @@ def fingerprint(mail: ParsedMail) -> str:
     return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _unavailable(bound: Any, exc: BaseException) -> StoreUnavailable:
+    """Logged once with the reason; the SMTP side answers 451 4.3.0 without internals."""
+    error = exc.strerror if isinstance(exc, OSError) else type(exc).__name__
+    bound.error("ingest.store_unavailable", error=error)
+    return StoreUnavailable(f"store unavailable: {error}")
+
+
 def _parse_and_hash(raw: bytes) -> tuple[ParsedMail | None, str, str | None]:
     sha = hashlib.sha256(raw).hexdigest()
     try:
@@ -223,12 +230,8 @@ class Pipeline:
             raise StoreUnavailable(f"store unavailable: {error}") from exc
         except IntegrityError as exc:
             raise StoreUnavailable("store conflict did not settle after 3 attempts") from exc
-        except SQLAlchemyError as exc:
-            bound.error("ingest.store_unavailable", error=type(exc).__name__)
-            raise StoreUnavailable(f"store unavailable: {type(exc).__name__}") from exc
-        except OSError as exc:
-            bound.error("ingest.store_unavailable", error=exc.strerror)
-            raise StoreUnavailable(f"store unavailable: {exc.strerror}") from exc
+        except (SQLAlchemyError, OSError) as exc:
+            raise _unavailable(bound, exc) from exc
         log_done()
         return verdict
 
@@ -241,12 +244,8 @@ class Pipeline:
                 # Another session or instance committed the same mail (or contact) first;
                 # the next attempt sees its rows and answers duplicate.
                 bound.info("ingest.conflict", attempt=attempt, error=type(exc.orig).__name__)
-            except SQLAlchemyError as exc:
-                bound.error("ingest.store_unavailable", error=type(exc).__name__)
-                raise StoreUnavailable(f"store unavailable: {type(exc).__name__}") from exc
-            except OSError as exc:
-                bound.error("ingest.store_unavailable", error=exc.strerror)
-                raise StoreUnavailable(f"store unavailable: {exc.strerror}") from exc
+            except (SQLAlchemyError, OSError) as exc:
+                raise _unavailable(bound, exc) from exc
         raise StoreUnavailable("store conflict did not settle after 3 attempts")
 
     def _context(self, raw: bytes, sha: str, envelope: Envelope, mail: ParsedMail,
@@ -540,9 +539,8 @@ class Pipeline:
             async with self.store.transaction() as session:
                 verdict = await self._quarantine_in(session, raw, sha, envelope, reason,
                                                     self.clock())
-        except SQLAlchemyError as exc:
-            bound.error("ingest.store_unavailable", error=type(exc).__name__)
-            raise StoreUnavailable(f"store unavailable: {type(exc).__name__}") from exc
+        except (SQLAlchemyError, OSError) as exc:  # disk full is an OSError on SQLite
+            raise _unavailable(bound, exc) from exc
         bound.warning("ingest.quarantined", reason=reason)
         return verdict
 

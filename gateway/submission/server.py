@@ -9,7 +9,6 @@ import asyncio
 import base64
 import binascii
 import time
-from collections.abc import Iterable
 from typing import Any, Protocol
 
 import structlog
@@ -19,7 +18,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.agents import AgentIdentity
 from gateway.errors import StoreUnavailable
-from gateway.inbound.smtp import GatewaySMTP, ShutdownRefuser, _peer, _protocol_names
+from gateway.inbound.smtp import GatewaySMTP, SessionsHandler, ShutdownRefuser, _peer
 from gateway.ingest.identify import normalize_address
 from gateway.ingest.model import Envelope
 from gateway.replies import (
@@ -85,7 +84,7 @@ class SubmissionSMTP(GatewaySMTP):
         super().connection_lost(error)
 
 
-class SubmissionHandler:
+class SubmissionHandler(SessionsHandler):
     """aiosmtpd hooks for AUTH, MAIL, RCPT and DATA; counts mails in flight for the drain."""
 
     def __init__(self, path: AgentMail, store: Store, lockout: Lockout,
@@ -97,19 +96,6 @@ class SubmissionHandler:
         self.accepting = True
         self.inflight = 0
         self.sessions: set[SubmissionSMTP] = set()
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.inflight) or any(s.in_transaction for s in self.sessions)
-
-    def hang_up_idle(self) -> None:
-        for session in list(self.sessions):
-            if session.transport is not None:
-                session.transport.write(R421_SHUTTING_DOWN.encode() + b"\r\n")
-                session.transport.close()
-
-    def __dir__(self) -> Iterable[str]:
-        return _protocol_names(type(self))  # see GatewaySMTP.__dir__
 
     async def handle_AUTH(self, server: SMTP, session: Session, envelope: SMTPEnvelope,
                           args: list[str]) -> str | None:
