@@ -11,26 +11,45 @@ from store.engine import Store
 
 
 @asynccontextmanager
-async def store_fails(store: Store) -> AsyncIterator[None]:
-    """Every insert into messages fails until the block ends: deskgate must answer 451."""
+async def _on_message_insert(store: Store, name: str, timing: str, sqlite: str, plpgsql: str,
+                             setup: tuple[str, ...] = (), teardown: tuple[str, ...] = ()
+                             ) -> AsyncIterator[None]:
+    """A trigger on inserts into messages, on either store, dropped when the block ends.
+
+    `sqlite`: what follows "ON messages" in SQLite (an optional WHEN, then BEGIN … END);
+    `plpgsql`: the PostgreSQL trigger function's body.
+    """
     async with store.transaction() as session:
+        for statement in setup:
+            await session.execute(text(statement))
         if store.is_sqlite:
-            await session.execute(text("CREATE TRIGGER fail_messages BEFORE INSERT ON messages "
-                                       "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"))
-        else:
             await session.execute(text(
-                "CREATE FUNCTION fail_messages() RETURNS trigger AS $$ BEGIN "
-                "RAISE EXCEPTION 'injected failure'; END $$ LANGUAGE plpgsql"))
-            await session.execute(text("CREATE TRIGGER fail_messages BEFORE INSERT ON messages "
-                                       "FOR EACH ROW EXECUTE FUNCTION fail_messages()"))
+                f"CREATE TRIGGER {name} {timing} INSERT ON messages {sqlite}"))
+        else:
+            await session.execute(text(f"CREATE FUNCTION {name}() RETURNS trigger AS $$ BEGIN "
+                                       f"{plpgsql} END $$ LANGUAGE plpgsql"))
+            await session.execute(text(f"CREATE TRIGGER {name} {timing} INSERT ON messages "
+                                       f"FOR EACH ROW EXECUTE FUNCTION {name}()"))
     try:
         yield
     finally:
         async with store.transaction() as session:
-            await session.execute(text("DROP TRIGGER fail_messages" +
+            await session.execute(text(f"DROP TRIGGER {name}" +
                                        ("" if store.is_sqlite else " ON messages")))
             if not store.is_sqlite:
-                await session.execute(text("DROP FUNCTION fail_messages()"))
+                await session.execute(text(f"DROP FUNCTION {name}()"))
+            for statement in teardown:
+                await session.execute(text(statement))
+
+
+@asynccontextmanager
+async def store_fails(store: Store) -> AsyncIterator[None]:
+    """Every insert into messages fails until the block ends: deskgate must answer 451."""
+    async with _on_message_insert(
+            store, "fail_messages", "BEFORE",
+            "BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+            "RAISE EXCEPTION 'injected failure';"):
+        yield
 
 
 @asynccontextmanager
@@ -38,48 +57,21 @@ async def commit_fails(store: Store) -> AsyncIterator[None]:
     """Every statement succeeds but COMMIT fails (a deferred constraint, checked at commit)
     while the block runs: a whole group-commit batch must answer 451 and keep nothing."""
     deferred = "REFERENCES tickets(id) DEFERRABLE INITIALLY DEFERRED"
-    async with store.transaction() as session:
-        await session.execute(text(f"CREATE TABLE fail_commit (ticket_id INTEGER {deferred})"))
-        if store.is_sqlite:
-            await session.execute(text("CREATE TRIGGER fail_commit AFTER INSERT ON messages "
-                                       "BEGIN INSERT INTO fail_commit VALUES (-1); END"))
-        else:
-            await session.execute(text(
-                "CREATE FUNCTION fail_commit() RETURNS trigger AS $$ BEGIN "
-                "INSERT INTO fail_commit VALUES (-1); RETURN NEW; END $$ LANGUAGE plpgsql"))
-            await session.execute(text("CREATE TRIGGER fail_commit AFTER INSERT ON messages "
-                                       "FOR EACH ROW EXECUTE FUNCTION fail_commit()"))
-    try:
+    async with _on_message_insert(
+            store, "fail_commit", "AFTER",
+            "BEGIN INSERT INTO fail_commit VALUES (-1); END",
+            "INSERT INTO fail_commit VALUES (-1); RETURN NEW;",
+            setup=(f"CREATE TABLE fail_commit (ticket_id INTEGER {deferred})",),
+            teardown=("DROP TABLE fail_commit",)):
         yield
-    finally:
-        async with store.transaction() as session:
-            await session.execute(text("DROP TRIGGER fail_commit" +
-                                       ("" if store.is_sqlite else " ON messages")))
-            if not store.is_sqlite:
-                await session.execute(text("DROP FUNCTION fail_commit()"))
-            await session.execute(text("DROP TABLE fail_commit"))
 
 
 @asynccontextmanager
 async def mail_fails(store: Store, subject: str) -> AsyncIterator[None]:
     """Inserting a message with this subject fails (only that mail) while the block runs."""
-    async with store.transaction() as session:
-        if store.is_sqlite:
-            await session.execute(text(
-                "CREATE TRIGGER fail_subject BEFORE INSERT ON messages WHEN NEW.subject = "
-                f"'{subject}' BEGIN SELECT RAISE(ABORT, 'injected failure'); END"))
-        else:
-            await session.execute(text(
-                "CREATE FUNCTION fail_subject() RETURNS trigger AS $$ BEGIN IF NEW.subject = "
-                f"'{subject}' THEN RAISE EXCEPTION 'injected failure'; END IF; RETURN NEW; "
-                "END $$ LANGUAGE plpgsql"))
-            await session.execute(text("CREATE TRIGGER fail_subject BEFORE INSERT ON messages "
-                                       "FOR EACH ROW EXECUTE FUNCTION fail_subject()"))
-    try:
+    async with _on_message_insert(
+            store, "fail_subject", "BEFORE",
+            f"WHEN NEW.subject = '{subject}' BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+            f"IF NEW.subject = '{subject}' THEN RAISE EXCEPTION 'injected failure'; END IF; "
+            "RETURN NEW;"):
         yield
-    finally:
-        async with store.transaction() as session:
-            await session.execute(text("DROP TRIGGER fail_subject" +
-                                       ("" if store.is_sqlite else " ON messages")))
-            if not store.is_sqlite:
-                await session.execute(text("DROP FUNCTION fail_subject()"))

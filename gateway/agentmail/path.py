@@ -163,14 +163,14 @@ class AgentPath:
         department = answered.ticket.department if answered.ticket else \
             self._new_ticket_department(agent, routes)
         names = {c.name for c in m.commands.commands}
-        collision = await self._collision(session, agent, answered) \
-            if answered.ticket else None
+        # Another agent's answer after the message being answered (collision detection).
+        other = await self._other_reply(session, agent, answered) if answered.ticket else None
         decision = decide_agent_mail(AgentFacts(
             profile=agent.profile, departments=agent.departments,
             ticket=answered.ticket.number if answered.ticket else None, department=department,
             has_customer=bool(customers), has_text=bool(m.text),
             has_commands=bool(m.commands.commands), note="note" in names,
-            force="force" in names, collision=collision))
+            force="force" in names, collision=other[0] if other else None))
         if decision.plan is Plan.REFUSE:
             bound.info("agentmail.refused", reason=decision.reason)
             return f"{R550_NOT_ALLOWED}: {decision.reason}"
@@ -186,7 +186,8 @@ class AgentPath:
             ticket = await session.get(Ticket, answered.ticket.id)
             assert ticket is not None
             events = []
-        events += await self._act(session, agent, m, decision, ticket, answered, customers, now)
+        events += await self._act(session, agent, m, decision, ticket, answered, customers,
+                                  other, now)
         if decision.plan is not Plan.HOLD:
             events += await self._commands(session, agent, m.commands, ticket, now)
         await repo.add_events(session, ticket.id, now, events)
@@ -196,7 +197,7 @@ class AgentPath:
 
     async def _act(self, session: AsyncSession, agent: AgentIdentity, m: _Mail,
                    decision: AgentDecision, ticket: Ticket, answered: _Answered,
-                   cc: Sequence[str], now: datetime) -> Events:
+                   cc: Sequence[str], other: tuple[str, str] | None, now: datetime) -> Events:
         plan = decision.plan
         kind = {Plan.REPLY: "agent_reply", Plan.NEW_TICKET: "agent_reply", Plan.NOTE: "note",
                 Plan.HOLD: "agent_reply_held", Plan.COMMANDS: "agent_commands"}[plan]
@@ -217,7 +218,6 @@ class AgentPath:
         if plan is Plan.COMMANDS:
             return []
         if plan is Plan.HOLD:
-            other = await self._other_reply(session, agent, answered)
             outbox = await self._notice(session, agent, ticket, "collision", now, lines=[
                 "Resend your mail with #force to send it anyway."],
                 quoted=other[1] if other else "", author=other[0] if other else "")
@@ -387,11 +387,6 @@ class AgentPath:
         refs = tuple(r for r in (*target.references, target.message_id) if r)
         return _Answered(decision.ticket, target.id, target.message_id, refs)
 
-    async def _collision(self, session: AsyncSession, agent: AgentIdentity,
-                         answered: _Answered) -> str | None:
-        other = await self._other_reply(session, agent, answered)
-        return other[0] if other else None
-
     async def _other_reply(self, session: AsyncSession, agent: AgentIdentity,
                            answered: _Answered) -> tuple[str, str] | None:
         """Another agent's answer to the customer after the message being answered."""
@@ -465,6 +460,10 @@ class AgentPath:
         return int(row.id)
 
     async def _slug(self, session: AsyncSession, ticket: Ticket) -> str:
+        """The ticket's department: the pipeline knows every configured one's id already."""
+        for slug, department_id in self.pipeline.department_ids.items():
+            if department_id == ticket.department_id:
+                return slug
         slug = await session.scalar(select(Department.slug).where(
             Department.id == ticket.department_id))
         assert slug is not None
