@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import signal
+import sys
 import time
 import uuid
 
@@ -146,8 +147,13 @@ async def phase(port: int, seconds: float, big: int, big_bytes: int) -> dict[str
     lag = asyncio.create_task(noop_lag(port, 0.01, stop))
     tag = uuid.uuid4().hex[:8]
     started = time.perf_counter()
-    if big:
-        results = await asyncio.gather(*(big_sender(port, tag, i, big_bytes) for i in range(big)))
+    if big:  # another process, as another MTA: building and writing 10 MiB bodies here
+        # would stall this loop and count the client's own delay as the server's
+        sender = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "send-big", "--port", str(port), "--big", str(big),
+            "--big-bytes", str(big_bytes), "--tag", tag, stdout=asyncio.subprocess.PIPE)
+        output, _ = await sender.communicate()
+        results = [tuple(r) for r in json.loads(output)]
     else:
         await asyncio.sleep(seconds)
         results = []
@@ -163,14 +169,20 @@ async def phase(port: int, seconds: float, big: int, big_bytes: int) -> dict[str
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["latency", "big"])
+    parser.add_argument("mode", choices=["latency", "big", "send-big"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--size", type=int, default=5 * 1024)
     parser.add_argument("--pause-ms", type=float, default=10)
     parser.add_argument("--big", type=int, default=20)
     parser.add_argument("--big-mb", type=float, default=10)
     parser.add_argument("--baseline-s", type=float, default=5)
+    parser.add_argument("--big-bytes", type=int, default=0)
+    parser.add_argument("--tag", default="")
     args = parser.parse_args()
+    if args.mode == "send-big":  # the big mails of `phase`, at once, from this process
+        print(json.dumps(await asyncio.gather(*(big_sender(args.port, args.tag, i, args.big_bytes)
+                                               for i in range(args.big)))))
+        return
     if args.mode == "latency":
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

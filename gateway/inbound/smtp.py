@@ -9,10 +9,11 @@ from collections.abc import Iterable
 from typing import Any
 
 import structlog
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import MISSING, SMTP, Session
 from aiosmtpd.smtp import Envelope as SMTPEnvelope
 
 from gateway.errors import StoreUnavailable
+from gateway.inbound.data_reader import DataState, read_data
 from gateway.inbound.limits import ConnectionGate, RateLimiter, client_ip
 from gateway.ingest.addresses import RouteKind
 from gateway.ingest.model import Envelope
@@ -110,14 +111,41 @@ class GatewaySMTP(SMTP):
         super()._timeout_cb()
 
     async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA with the mail read in chunks (gateway/inbound/data_reader.py)."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
         # aiosmtpd's timer runs from the DATA command to the end of the mail without a reset
-        # per line: a client trickling its mail is bounded by this, not by an idle timeout.
+        # per read: a client trickling its mail is bounded by this, not by an idle timeout.
         self._reset_timeout(self.data_timeout_s)
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            try:
+                state, raw = await read_data(self._reader, self.data_size_limit,
+                                             self.line_length_limit)
+            except asyncio.CancelledError:  # the connection went away during DATA
+                self._writer.close()
+                raise
+            except asyncio.IncompleteReadError:
+                self._writer.close()
+                return
         finally:
             if self.transport is not None:
                 self._reset_timeout()
+        if state is not DataState.NOMINAL:
+            await self.push(R500_LINE_TOO_LONG if state is DataState.TOO_LONG else R552_TOO_BIG)
+            self._set_post_data_state()
+            return
+        self.envelope.content = self.envelope.original_content = raw
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     @property
     def in_transaction(self) -> bool:

@@ -1,0 +1,118 @@
+"""The chunked DATA reader gives what aiosmtpd's line-by-line reading gives (issue 10)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.inbound.data_reader import DataState, read_data
+
+LINE_LIMIT = 1001  # aiosmtpd's line_length_limit, CRLF included
+
+
+def reference(stream: bytes, size_limit: int | None) -> tuple[DataState, bytes, bytes]:
+    """aiosmtpd 1.4's smtp_DATA, line by line: (state, content, what stays unread)."""
+    lines, rest, state, size = [], stream, DataState.NOMINAL, 0
+    while True:
+        end = rest.index(b"\r\n") + 2
+        line, rest = rest[:end], rest[end:]
+        if line == b".\r\n":
+            break
+        size += len(line)
+        if len(line) > LINE_LIMIT and state is DataState.NOMINAL:
+            state = DataState.TOO_LONG
+        if size_limit and size > size_limit and state is DataState.NOMINAL:
+            state = DataState.TOO_MUCH
+        lines.append(line[1:] if line.startswith(b".") else line)
+    content = b"".join(lines) if state is DataState.NOMINAL else b""
+    return state, content, rest
+
+
+async def chunked(stream: bytes, cuts: list[int], size_limit: int | None
+                  ) -> tuple[DataState, bytes, bytes]:
+    """Feed `stream` to a StreamReader in pieces (at `cuts`) while read_data reads it."""
+    reader = asyncio.StreamReader(limit=LINE_LIMIT)
+
+    async def feed() -> None:
+        start = 0
+        for cut in [*sorted(set(cuts)), len(stream)]:
+            if cut > start:
+                reader.feed_data(stream[start:cut])
+                start = cut
+                await asyncio.sleep(0)
+        reader.feed_eof()
+
+    feeder = asyncio.create_task(feed())
+    state, content = await read_data(reader, size_limit, LINE_LIMIT)
+    await feeder
+    return state, content, await reader.read()
+
+
+def run(stream: bytes, cuts: list[int], size_limit: int | None = None
+        ) -> tuple[DataState, bytes, bytes]:
+    return asyncio.run(chunked(stream, cuts, size_limit))
+
+
+def test_a_plain_mail_with_a_pipelined_command_after_it() -> None:
+    stream = b"Subject: hi\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+    assert run(stream, []) == (DataState.NOMINAL, b"Subject: hi\r\n\r\nbody\r\n", b"QUIT\r\n")
+
+
+def test_empty_mail_and_a_mail_of_one_empty_line() -> None:
+    assert run(b".\r\nQUIT\r\n", []) == (DataState.NOMINAL, b"", b"QUIT\r\n")
+    assert run(b"\r\n.\r\n", [1]) == (DataState.NOMINAL, b"\r\n", b"")
+
+
+def test_dot_stuffing_is_undone_on_every_line_including_the_first() -> None:
+    stream = b"..first\r\nmid\r\n..\r\n...x\r\n.y\r\n.\r\n"
+    assert run(stream, [3, 9, 10, 11]) == (DataState.NOMINAL,
+                                            b".first\r\nmid\r\n.\r\n..x\r\ny\r\n", b"")
+
+
+def test_the_end_marker_split_across_every_possible_read() -> None:
+    stream = b"a\r\nbb\r\n.\r\nNOOP\r\n"
+    for cut in range(1, len(stream)):
+        assert run(stream, [cut]) == (DataState.NOMINAL, b"a\r\nbb\r\n", b"NOOP\r\n"), cut
+
+
+def test_a_big_mail_in_socket_sized_reads() -> None:
+    body = b"".join(b"line %d with some words in it\r\n" % i for i in range(40_000))
+    stream = b"Subject: big\r\n\r\n" + body + b".\r\n"
+    state, content, rest = run(stream, list(range(0, len(stream), 65_536)))
+    assert (state, rest) == (DataState.NOMINAL, b"")
+    assert content == b"Subject: big\r\n\r\n" + body
+
+
+def test_a_line_over_the_limit_answers_too_long_after_the_whole_mail() -> None:
+    stream = b"Subject: x\r\nX-Long: " + b"a" * 5000 + b"\r\nbody\r\n.\r\nQUIT\r\n"
+    assert run(stream, [100, 2000]) == (DataState.TOO_LONG, b"", b"QUIT\r\n")
+    exactly = b"x" * (LINE_LIMIT - 2) + b"\r\n"  # 999 characters and CRLF: allowed
+    assert run(exactly + b".\r\n", [LINE_LIMIT - 2]) == (DataState.NOMINAL, exactly, b"")
+
+
+def test_over_the_size_limit_is_read_to_the_end_and_dropped() -> None:
+    stream = b"0123456789\r\n" * 10 + b".\r\nQUIT\r\n"
+    assert run(stream, [50], size_limit=100) == (DataState.TOO_MUCH, b"", b"QUIT\r\n")
+    assert run(stream, [50], size_limit=120)[0] is DataState.NOMINAL  # exactly 120 bytes
+
+
+_pieces = st.sampled_from([b"\r\n", b".", b"..", b"\r", b"\n", b"a", b"bc ", b".\r", b"\r\n.",
+                           b"x" * 300, b"\xff\x00", b"QUIT"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=st.lists(_pieces, max_size=40), cuts=st.lists(st.integers(0, 4000), max_size=6),
+       size_limit=st.sampled_from([None, 50, 600]))
+def test_same_as_aiosmtpd_for_any_mail_and_any_split(body: list[bytes], cuts: list[int],
+                                                     size_limit: int | None) -> None:
+    mail = b"".join(body)
+    if not mail.endswith(b"\r\n"):
+        mail += b"\r\n"
+    stream = mail + b".\r\n" + b"RSET\r\n"  # a "." line inside the mail ends it earlier
+    state, content, rest = run(stream, cuts, size_limit)
+    expected_state, expected_content, expected_rest = reference(stream, size_limit)
+    assert (content, rest) == (expected_content, expected_rest)
+    # Over both limits, which one is named may differ (per read here, per line there).
+    assert (state is DataState.NOMINAL) == (expected_state is DataState.NOMINAL)
