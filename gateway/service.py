@@ -21,6 +21,7 @@ from gateway.inbound.imap_history import HistoryHook
 from gateway.inbound.limits import RateLimiter
 from gateway.inbound.smtp import InboundHandler, start_inbound
 from gateway.ingest.pipeline import Pipeline
+from gateway.memory import return_big_buffers
 from gateway.outbound.escalation import EscalationMail
 from gateway.outbound.rating import RatingMail
 from gateway.outbound.service import Outbound
@@ -72,6 +73,7 @@ class Gateway:
                                  lambda: self.settings.inbound.limits)
         self.handler.rates = self.rates
         self._rates_task: asyncio.Task[None] | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
         self.web = WebApp(self.store, link_keys(settings.tickets.reply_token_secret),
                           self.metrics, self.health, self.pipeline.clock)
         self.web_port: int | None = None
@@ -123,6 +125,9 @@ class Gateway:
         self.imap.start()  # one supervised poller task per [[imap]] mailbox (issue 7)
         self._scheduler_task = asyncio.create_task(self.scheduler.run(), name="scheduler")
         self._rates_task = asyncio.create_task(self.rates.run(), name="rate-limits")
+        if self.store.is_sqlite:  # WAL checkpoints off the writers' path (store/engine.py)
+            self._checkpoint_task = asyncio.create_task(self.store.checkpoints(),
+                                                        name="checkpoints")
         web = self.settings.web
         self.web_port = await self.web.start(web.host, web.port, reuse_port)
         log.info("service.web", listen=f"{web.host}:{self.web_port}")
@@ -163,6 +168,9 @@ class Gateway:
             except Exception as exc:  # noqa: BLE001 — a lost second of counts, nothing more
                 log.warning("service.rate_sync_failed", error=type(exc).__name__)
         await self.outbound.stop()
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            await asyncio.gather(self._checkpoint_task, return_exceptions=True)
         await self.store.dispose()
         log.info("service.stopped")
 
@@ -210,6 +218,7 @@ def _keep_restart_only(old: Settings, new: Settings) -> Settings:
 
 
 async def serve(settings: Settings, reuse_port: bool = False) -> None:
+    return_big_buffers()
     gateway = Gateway(settings)
     daemon = Daemon(gateway, lambda: load_settings(Path(settings.source)))
     daemon.install_signals()  # before start: a SIGTERM during start-up drains, not kills

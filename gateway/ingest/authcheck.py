@@ -396,9 +396,16 @@ def peer_ip(peer: str) -> IpAddress | None:
     return None
 
 
+def _header_block(raw: bytes) -> bytes:
+    """The header section, without copying the body (a split would: 50 MB for a 50 MB mail)."""
+    end = raw.find(b"\r\n\r\n")
+    end = len(raw) if end < 0 else end
+    bare = raw.find(b"\n\n", 0, end)
+    return raw[:bare if bare >= 0 else end]
+
+
 def check_dkim(raw: bytes, lookup: _Lookup) -> list[Dkim]:
-    signatures = len(re.findall(rb"(?im)^dkim-signature\s*:", raw.split(b"\r\n\r\n", 1)[0]
-                                .split(b"\n\n", 1)[0]))
+    signatures = len(re.findall(rb"(?im)^dkim-signature\s*:", _header_block(raw)))
     if not signatures:
         return []
     try:

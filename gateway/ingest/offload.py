@@ -14,6 +14,8 @@ from typing import TypeVar
 
 import structlog
 
+from gateway.memory import return_big_buffers
+
 log = structlog.get_logger("deskgate.ingest")
 T = TypeVar("T")
 
@@ -27,7 +29,8 @@ def _executor() -> ProcessPoolExecutor:
         # spawn, not fork: this process has threads (aiosqlite's, asyncio's) whose locks a
         # forked child could inherit held. One process less than the cores: the loop keeps one.
         workers = max(1, (os.cpu_count() or 2) - 1)
-        _pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        _pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=return_big_buffers)
         _owner = os.getpid()
     return _pool
 

@@ -116,8 +116,10 @@ def bounce_body(mail: ParsedMail, envelope: Envelope, own: frozenset[str]) -> Ru
         return None  # a customer forwarding a bounce to us wants help with it
     sender_is_robot = envelope.mail_from in ("", "<>") or \
         _POSTMASTER.search(mail.header("from") or "")
+    if not sender_is_robot and _report_type(mail) is None:
+        return None  # the body's wording alone decides nothing: skip the costly search
     match = _BOUNCE_BODY.search(mail.text, 0, 1500)
-    if match and (sender_is_robot or _report_type(mail) is not None):
+    if match:
         return RuleHit("bounce-body", f"MTA text {match.group(0)!r}")
     return None
 

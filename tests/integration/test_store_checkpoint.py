@@ -1,0 +1,112 @@
+"""SQLite's WAL checkpoints run beside the writers, not inside a writer's COMMIT (issue 10)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from sqlalchemy import text
+
+from store.blobs import in_pieces, rowid_of, write_blob
+from store.engine import Store
+
+
+async def _store(tmp_path: Path) -> Store:
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'c.sqlite3'}")
+    async with store.transaction() as session:
+        await session.execute(text("CREATE TABLE blobs (k TEXT PRIMARY KEY, v BLOB)"))
+    return store
+
+
+def test_a_commit_leaves_its_pages_in_the_wal_until_the_checkpoint(tmp_path: Path) -> None:
+    async def run() -> tuple[int, int, int]:
+        store = await _store(tmp_path)
+        database = tmp_path / "c.sqlite3"
+        async with store.transaction() as session:
+            await session.execute(text("INSERT INTO blobs VALUES ('a', randomblob(8000000))"))
+        before = database.stat().st_size
+        await store.checkpoint()
+        after = database.stat().st_size
+        async with store.read() as session:  # the data reads back from the file it is now in
+            size = await session.scalar(text("SELECT length(v) FROM blobs WHERE k = 'a'"))
+        await store.dispose()
+        return before, after, size
+
+    before, after, size = asyncio.run(run())
+    assert before < 1_000_000  # 8 MB committed, below the 40 MB mark: still in the WAL only
+    assert after > 8_000_000 and size == 8_000_000
+
+
+def test_the_background_checkpoints_run_until_cancelled(tmp_path: Path) -> None:
+    async def run() -> int:
+        store = await _store(tmp_path)
+        task = asyncio.create_task(store.checkpoints(every_s=0.05))
+        async with store.transaction() as session:
+            await session.execute(text("INSERT INTO blobs VALUES ('a', randomblob(3000000))"))
+        for _ in range(100):
+            if (tmp_path / "c.sqlite3").stat().st_size > 3_000_000:
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await store.dispose()
+        return (tmp_path / "c.sqlite3").stat().st_size
+
+    assert asyncio.run(run()) > 3_000_000
+
+
+def test_a_big_blob_is_written_in_pieces_and_reads_back_exactly(tmp_path: Path) -> None:
+    content = bytes(range(256)) * 12_289  # 3.1 MB, not a multiple of the piece size
+
+    async def run() -> bytes:
+        store = await _store(tmp_path)
+        async with store.transaction() as session:
+            assert in_pieces(session, content) and not in_pieces(session, b"small")
+            await session.execute(text("INSERT INTO blobs VALUES ('a', zeroblob(:n))"),
+                                  {"n": len(content)})
+            await write_blob(session, "blobs", "v", await rowid_of(session, "blobs", "k", "a"),
+                             content)
+        async with store.read() as session:
+            stored = await session.scalar(text("SELECT v FROM blobs WHERE k = 'a'"))
+        await store.dispose()
+        return bytes(stored)
+
+    assert asyncio.run(run()) == content
+
+
+def test_writers_of_two_processes_queue_on_the_lock_file(tmp_path: Path) -> None:
+    """Two Stores on one file stand for two `serve --workers` processes (flock locks are per
+    open file, so they exclude each other within one process too)."""
+    async def run() -> list[str]:
+        first = await _store(tmp_path)
+        second = Store(f"sqlite+aiosqlite:///{tmp_path / 'c.sqlite3'}")
+        order: list[str] = []
+        inside = asyncio.Event()
+
+        async def hold() -> None:
+            async with first.transaction() as session:
+                await session.execute(text("INSERT INTO blobs VALUES ('a', x'00')"))
+                order.append("first in")
+                inside.set()
+                await asyncio.sleep(0.3)
+                order.append("first out")
+
+        async def wait_turn(name: str) -> None:
+            await inside.wait()
+            async with second.transaction() as session:
+                order.append(f"{name} in")
+                await session.execute(text(f"INSERT INTO blobs VALUES ('{name}', x'01')"))
+
+        holder = asyncio.create_task(hold())
+        await inside.wait()
+        cancelled = asyncio.create_task(wait_turn("cancelled"))
+        await asyncio.sleep(0.1)
+        cancelled.cancel()  # given up while queued: must not keep the lock afterwards
+        await asyncio.gather(cancelled, return_exceptions=True)
+        await asyncio.gather(holder, wait_turn("second"))
+        assert (tmp_path / "c.sqlite3-writer.lock").exists()
+        await first.dispose()
+        await second.dispose()
+        return order
+
+    assert asyncio.run(run()) == ["first in", "first out", "second in"]
