@@ -202,12 +202,63 @@ def memory(server: Server) -> dict[str, Any]:
     for chunk in range(1, MEMORY_CHUNKS + 1):
         smtp_source(server.port, 20, MEMORY_CHUNK, 5 * KB)
         points.append((chunk * MEMORY_CHUNK, server.rss_mib()))
-    half = points[len(points) // 2]
+    half, first = points[len(points) // 2], points[1]  # the issue: from mail 10,000 of 100,000
     growth = 100 * (points[-1][1] - half[1]) / half[1]
+    growth_first = 100 * (points[-1][1] - first[1]) / first[1]
     print(f"{server.name}: RSS over {points[-1][0]} mails (5 KB, 20 sessions): "
           + ", ".join(f"{n}: {rss:.1f}" for n, rss in points)
-          + f" MiB; from mail {half[0]} to {points[-1][0]}: {growth:+.1f}%", flush=True)
-    return {"variant": server.name, "points": points, "growth_second_half_pct": growth}
+          + f" MiB; from mail {first[0]} to {points[-1][0]}: {growth_first:+.1f}%, from mail "
+          f"{half[0]}: {growth:+.1f}%", flush=True)
+    return {"variant": server.name, "points": points, "growth_second_half_pct": growth,
+            "growth_after_first_tenth_pct": growth_first}
+
+
+def throughput_phase(workdir: Path, results: dict[str, Any], databases: list[str],
+                     servers: list[Server]) -> bool:
+    """The interleaved matrix: the sink and the deskgate variants, all up at once; whether
+    PostgreSQL was there."""
+    servers.append(start_sink("aiosmtpd-sink", workdir))
+    servers.append(start_deskgate("sqlite", workdir, sqlite_url(workdir, "sqlite")))
+    have_pg = pg_available()
+    if have_pg:
+        name, url = pg_create("deskgate_bench")
+        databases.append(name)
+        servers.append(start_deskgate("postgres", workdir, url))
+    servers.append(start_deskgate("sqlite-2workers", workdir,
+                                  sqlite_url(workdir, "sqlite2"), workers=2))
+    if have_pg:
+        name, url = pg_create("deskgate_bench2")
+        databases.append(name)
+        servers.append(start_deskgate("postgres-2workers", workdir, url, workers=2))
+    else:
+        print("PostgreSQL on 127.0.0.1:5432 not reachable: its variants are left out")
+    for server in servers:
+        warm(server)
+    print("\n" + HEADER, flush=True)
+    results["matrix"] = matrix(servers)
+    results["stored"] = {}
+    for server in servers[1:]:
+        tickets, messages = stored_counts(server.database)
+        results["stored"][server.name] = {"tickets": tickets, "messages": messages}
+    print("stored (tickets/messages; replies are messages - tickets): " + ", ".join(
+        f"{k} {v['tickets']}/{v['messages']}" for k, v in results["stored"].items()))
+    for server in servers:
+        server.stop()
+    servers.clear()
+    return have_pg
+
+
+def memory_only(workdir: Path, results: dict[str, Any], servers: list[Server]) -> None:
+    """`BENCH_ONLY=memory`: the memory run alone (with BENCH_MEMORY_MAILS=100000: the
+    issue's 100,000 mails), figures to var/bench/memory-STAMP.json."""
+    server = warm(start_deskgate("sqlite-memory", workdir, sqlite_url(workdir, "memory")))
+    servers.append(server)
+    results["memory"] = memory(server)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = ROOT / "var" / "bench" / f"memory-{stamp}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"figures written to {out}")
 
 
 def big_phase(workdir: Path, have_pg: bool, databases: list[str],
@@ -273,35 +324,9 @@ def main() -> None:
     results: dict[str, Any] = {"quick": QUICK, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                          time.gmtime())}
     try:
-        servers.append(start_sink("aiosmtpd-sink", workdir))
-        servers.append(start_deskgate("sqlite", workdir, sqlite_url(workdir, "sqlite")))
-        have_pg = pg_available()
-        if have_pg:
-            name, url = pg_create("deskgate_bench")
-            databases.append(name)
-            servers.append(start_deskgate("postgres", workdir, url))
-        servers.append(start_deskgate("sqlite-2workers", workdir,
-                                      sqlite_url(workdir, "sqlite2"), workers=2))
-        if have_pg:
-            name, url = pg_create("deskgate_bench2")
-            databases.append(name)
-            servers.append(start_deskgate("postgres-2workers", workdir, url, workers=2))
-        else:
-            print("PostgreSQL on 127.0.0.1:5432 not reachable: its variants are left out")
-        for server in servers:
-            warm(server)
-        print("\n" + HEADER, flush=True)
-        results["matrix"] = matrix(servers)
-        results["stored"] = {}
-        for server in servers[1:]:
-            tickets, messages = stored_counts(server.database)
-            results["stored"][server.name] = {"tickets": tickets, "messages": messages}
-        print("stored (tickets/messages; replies are messages - tickets): " + ", ".join(
-            f"{k} {v['tickets']}/{v['messages']}" for k, v in results["stored"].items()))
-        for server in servers:
-            server.stop()
-        servers.clear()
-
+        if os.environ.get("BENCH_ONLY") == "memory":  # the long memory run on its own
+            return memory_only(workdir, results, servers)
+        have_pg = throughput_phase(workdir, results, databases, servers)
         results["big"] = big_phase(workdir, have_pg, databases, servers)
 
         print("\nMemory", flush=True)

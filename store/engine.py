@@ -23,6 +23,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from store import sqlite_inline
+
 log = structlog.get_logger("deskgate.store")
 READ_ONLY = "deskgate_read_only"
 SQLITE_PRAGMAS = (
@@ -38,6 +40,9 @@ SQLITE_PRAGMAS = (
     "PRAGMA wal_autocheckpoint=10000",
 )
 CHECKPOINT_EVERY_S = 1.0
+# Statements on the loop's thread (store/sqlite_inline.py); DESKGATE_SQLITE_THREADS=1 puts
+# every statement on aiosqlite's thread again, should an operator need to rule it out.
+INLINE_SQLITE = os.environ.get("DESKGATE_SQLITE_THREADS") != "1"
 
 
 def _tune_sqlite(engine: AsyncEngine) -> None:
@@ -63,7 +68,10 @@ def make_engine(url: str) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        if INLINE_SQLITE and parsed.database and parsed.database != ":memory:":
+            engine = create_async_engine(url, async_creator=sqlite_inline.connect(parsed.database))
+        else:
+            engine = create_async_engine(url, connect_args={"timeout": 30})
         _tune_sqlite(engine)
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import bindparam, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,10 +30,62 @@ from store.models import (
 )
 
 
+def _dialect(session: AsyncSession) -> str:
+    return session.bind.dialect.name if session.bind else "sqlite"
+
+
 def insert_ignore(session: AsyncSession, table: Any) -> Any:
     """INSERT … ON CONFLICT DO NOTHING: safe when another instance inserts the same row."""
-    dialect = session.bind.dialect.name if session.bind else "sqlite"
+    dialect = _dialect(session)
     return (pg_insert if dialect == "postgresql" else sqlite_insert)(table).on_conflict_do_nothing()
+
+
+# Statements run for every mail are built once, from the tables (Core, no ORM layer):
+# building one (coercions, cache key) costs more event-loop CPU than its round trip
+# (issue 10). Values go in as bind parameters.
+_M, _T, _C = Message.__table__, Ticket.__table__, Contact.__table__
+_FIND_BY_FINGERPRINT = (select(_M.c.id, _T.c.number).join(_T, _T.c.id == _M.c.ticket_id)
+                        .where(_M.c.fingerprint == bindparam("fingerprint")))
+_CONTACT_BY_EMAIL = select(_C.c.id, _C.c.name).where(_C.c.email == bindparam("email"))
+_ACCOUNT_FOR_DOMAIN = (select(Account.__table__.c.id, Account.__table__.c.name)
+                       .join(AccountDomain.__table__,
+                             AccountDomain.__table__.c.account_id == Account.__table__.c.id)
+                       .where(AccountDomain.__table__.c.domain == bindparam("domain")))
+_TOUCH_TICKET = (update(_T).where(_T.c.id == bindparam("ticket_id"))
+                 .values(updated_at=bindparam("now", type_=_T.c.updated_at.type)))
+
+
+def _ticket_insert(number: Any) -> Any:
+    return insert(_T).values(number=number).returning(_T.c.id, _T.c.number)
+
+
+_INSERT_TICKET = {  # the number as next_ticket_number gives it, inside the INSERT
+    "sqlite": _ticket_insert(select(func.coalesce(func.max(_T.c.number), 0) + 1)
+                             .scalar_subquery()),
+    "postgresql": _ticket_insert(func.nextval("ticket_number_seq")),
+}
+_INSERT_EVENTS = insert(Event.__table__)
+_INSERT_ATTACHMENTS = insert(Attachment.__table__)
+_RETURNING_ID: dict[Any, Any] = {}
+_PUT_RAW: dict[str, Any] = {}
+
+
+async def insert_row(session: AsyncSession, model: Any, values: dict[str, Any]) -> int:
+    """A plain INSERT … RETURNING id: no ORM object, no unit of work, for rows nobody
+    reads back through the session; column defaults apply as with session.add."""
+    statement = _RETURNING_ID.get(model)
+    if statement is None:
+        table = model.__table__
+        statement = _RETURNING_ID[model] = insert(table).returning(table.c.id)
+    return int((await session.execute(statement, values)).scalar_one())
+
+
+async def insert_ticket(session: AsyncSession, values: dict[str, Any]) -> tuple[int, int]:
+    """A new ticket with the next number, in one statement: (id, number). The number is
+    what next_ticket_number would have given (we hold SQLite's write lock)."""
+    statement = _INSERT_TICKET["postgresql" if _dialect(session) == "postgresql" else "sqlite"]
+    row = (await session.execute(statement, values)).one()
+    return int(row[0]), int(row[1])
 
 
 async def sync_departments(session: AsyncSession, departments: Iterable[Any]) -> dict[str, int]:
@@ -57,8 +109,9 @@ async def sync_departments(session: AsyncSession, departments: Iterable[Any]) ->
 
 
 def _ref_query() -> Any:
-    return select(Ticket.id, Ticket.number, Department.slug, Ticket.status, Ticket.closed_at
-                  ).join(Department, Department.id == Ticket.department_id)
+    departments = Department.__table__
+    return select(_T.c.id, _T.c.number, departments.c.slug, _T.c.status, _T.c.closed_at
+                  ).join(departments, departments.c.id == _T.c.department_id)
 
 
 def _ref(row: Any) -> TicketRef:
@@ -67,9 +120,7 @@ def _ref(row: Any) -> TicketRef:
 
 
 async def find_by_fingerprint(session: AsyncSession, fingerprint: str) -> tuple[int, int] | None:
-    row = (await session.execute(
-        select(Message.id, Ticket.number).join(Ticket, Ticket.id == Message.ticket_id)
-        .where(Message.fingerprint == fingerprint))).first()
+    row = (await session.execute(_FIND_BY_FINGERPRINT, {"fingerprint": fingerprint})).first()
     return (row[0], row[1]) if row else None
 
 
@@ -77,13 +128,16 @@ async def find_quarantined(session: AsyncSession, raw_sha256: str) -> int | None
     return await session.scalar(select(Quarantine.id).where(Quarantine.raw_sha256 == raw_sha256))
 
 
+_BY_MESSAGE_IDS = (_ref_query().add_columns(_M.c.message_id)
+                   .join(_M, _M.c.ticket_id == _T.c.id)
+                   .where(_M.c.message_id.in_(bindparam("ids", expanding=True))))
+
+
 async def tickets_by_message_ids(session: AsyncSession, ids: Sequence[str]
                                  ) -> dict[str, TicketRef]:
     if not ids:
         return {}
-    rows = await session.execute(_ref_query().add_columns(Message.message_id)
-                                 .join(Message, Message.ticket_id == Ticket.id)
-                                 .where(Message.message_id.in_(list(ids)[:100])))
+    rows = await session.execute(_BY_MESSAGE_IDS, {"ids": list(ids)[:100]})
     return {row[5]: _ref(row) for row in rows}
 
 
@@ -94,8 +148,11 @@ async def sent_message_ids(session: AsyncSession, ids: Sequence[str]) -> frozens
     return frozenset(i for i in found if i)
 
 
+_TICKET_REF = _ref_query().where(_T.c.number == bindparam("number"))
+
+
 async def ticket_ref(session: AsyncSession, number: int) -> TicketRef | None:
-    row = (await session.execute(_ref_query().where(Ticket.number == number))).first()
+    row = (await session.execute(_TICKET_REF, {"number": number})).first()
     return _ref(row) if row else None
 
 
@@ -112,13 +169,14 @@ async def is_participant(session: AsyncSession, ticket_id: int, email: str) -> b
 async def upsert_contact(session: AsyncSession, email: str, name: str, now: datetime,
                          account_id: int | None = None) -> int:
     """The contact's id, made if new (insert-or-ignore: instances may race); a name fills an
-    empty one. A known contact, the common case, costs one SELECT."""
-    query = select(Contact.id, Contact.name).where(Contact.email == email)
-    row = (await session.execute(query)).first()
+    empty one. A known contact, the common case, costs one SELECT; a new one an INSERT."""
+    row = (await session.execute(_CONTACT_BY_EMAIL, {"email": email})).first()
     if row is None:
-        await session.execute(insert_ignore(session, Contact).values(
-            email=email, name=name, created_at=now, account_id=account_id))
-        row = (await session.execute(query)).first()
+        added = (await session.execute(insert_ignore(session, Contact).values(
+            email=email, name=name, created_at=now, account_id=account_id)
+            .returning(Contact.id, Contact.name))).first()
+        # Nothing returned: another instance made it first; read what it wrote.
+        row = added or (await session.execute(_CONTACT_BY_EMAIL, {"email": email})).first()
         assert row is not None
     if name and not row[1]:
         await session.execute(update(Contact).where(Contact.id == row[0], Contact.name == "")
@@ -127,8 +185,12 @@ async def upsert_contact(session: AsyncSession, email: str, name: str, now: date
 
 
 async def put_raw(session: AsyncSession, sha256: str, content: bytes, now: datetime) -> None:
-    await session.execute(insert_ignore(session, Raw).values(
-        sha256=sha256, content=content, size=len(content), created_at=now))
+    dialect = _dialect(session)
+    statement = _PUT_RAW.get(dialect)
+    if statement is None:
+        statement = _PUT_RAW[dialect] = insert_ignore(session, Raw.__table__)
+    await session.execute(statement, {"sha256": sha256, "content": content,
+                                      "size": len(content), "created_at": now})
 
 
 async def next_ticket_number(session: AsyncSession) -> int:
@@ -149,12 +211,12 @@ async def add_events(session: AsyncSession, ticket_id: int, now: datetime,
     rows = [{"ticket_id": ticket_id, "type": kind, "data": data, "at": now}
             for kind, data in events]
     if rows:
-        await session.execute(insert(Event), rows)
+        await session.execute(_INSERT_EVENTS, rows)
 
 
 async def add_attachments(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     if rows:
-        await session.execute(insert(Attachment), rows)
+        await session.execute(_INSERT_ATTACHMENTS, rows)
 
 
 async def set_ticket_status(session: AsyncSession, ticket_id: int, status: str, now: datetime
@@ -165,7 +227,7 @@ async def set_ticket_status(session: AsyncSession, ticket_id: int, status: str, 
 
 
 async def touch_ticket(session: AsyncSession, ticket_id: int, now: datetime) -> None:
-    await session.execute(update(Ticket).where(Ticket.id == ticket_id).values(updated_at=now))
+    await session.execute(_TOUCH_TICKET, {"ticket_id": ticket_id, "now": now})
 
 
 async def department_id(session: AsyncSession, slug: str) -> int:
@@ -176,9 +238,7 @@ async def department_id(session: AsyncSession, slug: str) -> int:
 
 
 async def account_for_domain(session: AsyncSession, domain: str) -> tuple[int, str] | None:
-    row = (await session.execute(select(Account.id, Account.name).join(
-        AccountDomain, AccountDomain.account_id == Account.id).where(
-        AccountDomain.domain == domain))).first()
+    row = (await session.execute(_ACCOUNT_FOR_DOMAIN, {"domain": domain})).first()
     return (row[0], row[1]) if row else None
 
 

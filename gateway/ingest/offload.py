@@ -35,11 +35,20 @@ def _executor() -> ProcessPoolExecutor:
     return _pool
 
 
+def _nothing() -> None:
+    return None
+
+
 async def in_process(function: Callable[[bytes], T], raw: bytes) -> T:
     """function(raw) in the parser process; in a thread if that process cannot be had."""
     global _pool
     try:
-        return await asyncio.get_running_loop().run_in_executor(_executor(), function, raw)
+        executor = _executor()
+        pending = asyncio.get_running_loop().run_in_executor(executor, function, raw)
+        # The pool's feeder thread keeps the last item it pickled (a copy of the whole mail)
+        # until it pickles the next: a tiny one right behind lets that copy go at once.
+        executor.submit(_nothing)
+        return await pending
     except (BrokenProcessPool, OSError, RuntimeError) as exc:
         # The child died (OOM killer) or cannot start: the mail must still be taken.
         log.warning("ingest.parser_process_failed", error=type(exc).__name__)

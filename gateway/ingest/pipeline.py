@@ -418,22 +418,22 @@ class Pipeline:
             else:
                 await repo.touch_ticket(session, ticket_id, now)
         else:
-            ticket = await self._create_ticket(session, ctx, now, decision)
-            ticket_id, number = ticket.id, ticket.number
+            ticket_id, number, owner_id = await self._create_ticket(session, ctx, now, decision)
             events.append(("created", {"channel": ctx.envelope.channel, "thread": threading.detail,
                                        "to": ctx.routes[0].address}))
             if decision.action is Action.FOLLOW_UP and decision.ticket is not None:
                 events.append(("follow_up_of", {"ticket": decision.ticket.number}))
-            if ticket.owner_id is not None:
-                events.append(("assigned", {"agent": ticket.owner_id, "by": "rule" if ctx.plan
+            if owner_id is not None:
+                events.append(("assigned", {"agent": owner_id, "by": "rule" if ctx.plan
                                             and ctx.plan.owner else "assignment"}))
-        message = await repo.add(session, self._message_row(ctx, ticket_id, now))
-        events.extend(await self._attachments(session, ctx.mail, message.id))
+        message_pk = await repo.insert_row(session, Message,
+                                           self._message_row(ctx, ticket_id, now))
+        events.extend(await self._attachments(session, ctx.mail, message_pk))
         if ctx.classification.hits:
             events.append(("rules", {"kind": ctx.classification.kind.value, "hits": [
                 {"rule": h.rule, "reason": h.reason} for h in ctx.classification.hits]}))
         stored = StoredMail(
-            ticket_id=ticket_id, ticket_number=number, message_pk=message.id,
+            ticket_id=ticket_id, ticket_number=number, message_pk=message_pk,
             created=decision.action is not Action.APPEND,
             reopened=any(kind == "reopened" for kind, _ in decision.events),
             department=decision.ticket.department if decision.action is Action.APPEND and
@@ -451,7 +451,8 @@ class Pipeline:
                        tuple(h.rule for h in ctx.classification.hits))
 
     async def _create_ticket(self, session: AsyncSession, ctx: _Context, now: datetime,
-                             decision: Decision) -> Ticket:
+                             decision: Decision) -> tuple[int, int, int | None]:
+        """The new ticket's (id, number, owner id): one INSERT, no ORM object (issue 10)."""
         assert ctx.sender is not None
         # A mail to several of our addresses makes one ticket, in the first one's department;
         # the operator's rules may send it elsewhere and set its fields.
@@ -462,18 +463,19 @@ class Pipeline:
         contact_id = await repo.upsert_contact(session, ctx.sender, ctx.mail.from_name[:200], now,
                                                await self._account_id(session, ctx.sender, now))
         due = due_dates(now, department.sla.targets.get(plan.priority), department.sla.hours)
-        return await repo.add(session, Ticket(
-            number=await repo.next_ticket_number(session),
-            department_id=self.department_ids.get(slug) or await repo.department_id(session, slug),
+        department_id = self.department_ids.get(slug) or await repo.department_id(session, slug)
+        owner_id = await self._owner(session, plan, department)
+        ticket_id, number = await repo.insert_ticket(session, dict(
+            department_id=department_id,
             contact_id=contact_id, subject=ctx.mail.subject[:2000] or "(no subject)",
             status=(decision.new_status or "open"), priority=plan.priority, channel="email",
             reply_to=ctx.reply_to, language=department.language,
             follow_up_of_id=decision.ticket.id if decision.ticket else None,
             tags=list(plan.tags), category=plan.category, subcategory=plan.subcategory,
-            product=plan.product, custom_fields=plan.fields,
-            owner_id=await self._owner(session, plan, department),
+            product=plan.product, custom_fields=plan.fields, owner_id=owner_id,
             created_at=now, updated_at=now, first_response_due_at=due.first_response_due_at,
             due_at=due.due_at))
+        return ticket_id, number, owner_id
 
     async def _owner(self, session: AsyncSession, plan: TicketPlan,
                      department: DepartmentSettings) -> int | None:
@@ -496,10 +498,10 @@ class Pipeline:
             return None  # as _account_name: a free-mail sender belongs to no account
         return await repo.ensure_account(session, domain, [domain], now)
 
-    def _message_row(self, ctx: _Context, ticket_id: int, now: datetime) -> Message:
+    def _message_row(self, ctx: _Context, ticket_id: int, now: datetime) -> dict[str, Any]:
         mail = ctx.mail
         view = ctx.view or readable_or_plain(mail, self.cid_url)
-        return Message(
+        return dict(
             ticket_id=ticket_id, direction="in", kind=ctx.classification.kind.value,
             message_id=mail.message_id, fingerprint=ctx.fingerprint,
             in_reply_to=list(mail.in_reply_to), references=list(mail.references)[-50:],

@@ -13,7 +13,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.agentmail.commands import REPLY_MARKER, REPLY_MARKERS
@@ -61,18 +61,36 @@ def event_of(stored: StoredMail) -> str:
     return "created" if stored.created else "reopened" if stored.reopened else "reply"
 
 
-async def _is_agent(session: AsyncSession, address: str | None) -> bool:
-    """Any agent, active or not: their mail is never a customer's (DESIGN 3a)."""
-    return address is not None and await session.scalar(
-        select(Agent.id).where(Agent.email == address)) is not None
+_A, _T = Agent.__table__, Ticket.__table__
+_MEMBERS = (select(AgentDepartment.__table__.c.agent_id)
+            .where(AgentDepartment.__table__.c.department_id == _T.c.department_id))
+# Every agent the hook may need to know of, in one round trip (issue 10): the sender if an
+# agent (any agent, active or not: their mail is never a customer's, DESIGN 3a), the
+# ticket's department's agents and its owner. No agent at all: no row.
+_PEOPLE = (select(_A.c.id, _A.c.email, _A.c.active, _A.c.email == bindparam("sender"),
+                  _A.c.id.in_(_MEMBERS), _A.c.id == _T.c.owner_id)
+           .select_from(_A.join(_T, _T.c.id == bindparam("ticket_id")))
+           .where(or_(_A.c.email == bindparam("sender"), _A.c.id == _T.c.owner_id,
+                      _A.c.id.in_(_MEMBERS)))
+           .order_by(_A.c.id))
+_TEXT = select(Message.__table__.c.visible_text, Message.__table__.c.text).where(
+    Message.__table__.c.id == bindparam("message_pk"))
 
 
-async def _owner(session: AsyncSession, ticket: Ticket) -> Recipient | None:
-    if ticket.owner_id is None:
-        return None
-    row = (await session.execute(select(Agent.id, Agent.email).where(
-        Agent.id == ticket.owner_id, Agent.active.is_(True)))).first()
-    return Recipient(row[0], row[1]) if row else None
+@dataclass(frozen=True, slots=True)
+class People:
+    sender_is_agent: bool
+    agents: list[Recipient]  # the department's active agents, by id
+    owner: Recipient | None  # the ticket's owner, when active
+
+
+async def _people(session: AsyncSession, ticket_id: int, sender: str | None) -> People:
+    rows = (await session.execute(_PEOPLE, {"ticket_id": ticket_id, "sender": sender})).all()
+    return People(
+        sender_is_agent=any(bool(is_sender) for _, _, _, is_sender, _, _ in rows),
+        agents=[Recipient(i, e) for i, e, active, _, member, _ in rows if active and member],
+        owner=next((Recipient(i, e) for i, e, active, _, _, owns in rows if active and owns),
+                   None))
 
 
 class NotifyHook:
@@ -90,27 +108,24 @@ class NotifyHook:
         if dept is None or dept.notify == "none" or stored.envelope.history:  # IMAP from = "all"
             return []
         automated = stored.classification.automated
-        reason = skip_reason(automated, not automated and await _is_agent(session, stored.contact))
+        people = None if automated else await _people(session, stored.ticket_id, stored.contact)
+        reason = skip_reason(automated, people is not None and people.sender_is_agent)
         if reason is not None:  # routine, not a problem: the ack hook logs automated mail
             log.debug("notify.skipped", ticket=stored.ticket_number, reason=reason)
             return []
-        ticket = await session.get(Ticket, stored.ticket_id)
-        assert ticket is not None
-        agents = [Recipient(i, e) for i, e in await session.execute(
-            select(Agent.id, Agent.email).join(AgentDepartment, AgentDepartment.agent_id ==
-                                               Agent.id)
-            .where(AgentDepartment.department_id == ticket.department_id,
-                   Agent.active.is_(True)).order_by(Agent.id))]
-        to = recipients(dept.notify, agents, await _owner(session, ticket), stored.contact)
+        assert people is not None
+        to = recipients(dept.notify, people.agents, people.owner, stored.contact)
         if not to:  # a department nobody works in yet: normal before agents are invited
             log.debug("notify.unsent", ticket=stored.ticket_number, reason="no active agent")
             return []
+        ticket = await session.get(Ticket, stored.ticket_id)
+        assert ticket is not None
         return await self._queue(session, stored, dept, ticket, to)
 
     async def _context(self, session: AsyncSession, stored: StoredMail,
                        dept: DepartmentSettings, ticket: Ticket) -> dict[str, Any]:
-        message = await session.get(Message, stored.message_pk)
-        text = (message.visible_text or message.text) if message else stored.mail.text
+        message = (await session.execute(_TEXT, {"message_pk": stored.message_pk})).first()
+        text = (message[0] or message[1]) if message else stored.mail.text
         if len(text) > MAX_TEXT_CHARS:
             text = text[:MAX_TEXT_CHARS] + "\n[…]"
         owner = await session.scalar(select(Agent.name).where(Agent.id == ticket.owner_id)) \
@@ -144,7 +159,7 @@ class NotifyHook:
         # One Message-ID for all agents: any of their replies names it (threading step 1).
         message_id = new_message_id(self.settings.hostname)
         customer_id = stored.mail.message_id
-        await repo.add(session, Message(
+        await repo.insert_row(session, Message, dict(
             ticket_id=stored.ticket_id, direction="out", kind="notification",
             message_id=message_id, in_reply_to=[customer_id] if customer_id else [],
             references=list(stored.mail.references)[-20:], from_addr=sender,
@@ -153,6 +168,7 @@ class NotifyHook:
             text=rendered.text, html=rendered.html, language=dept.language,
             envelope_to=list(to), channel="outbox", rule_hits=[], defects=[]))
         rows = []
+        verified = await queue.is_verified(session, sender)  # the same From for every agent
         for recipient in to:
             composed = compose(rendered, Outgoing(
                 from_addr=sender, from_name=from_name, to=recipient,
@@ -160,10 +176,11 @@ class NotifyHook:
                 reply_to=reply_address(sender, ticket.number, secret), in_reply_to=customer_id,
                 references=stored.mail.references, auto_submitted="auto-generated",
                 language=dept.language), message_id=message_id)
-            rows.append(await queue.enqueue(
+            rows.append(await queue.insert(
                 session, kind="notification", from_addr=sender, to=recipient,
                 message_id=message_id, mime=composed.mime, now=stored.now, secret=secret,
-                ticket_id=stored.ticket_id, cause_message_id=stored.message_pk))
+                verified=verified, ticket_id=stored.ticket_id,
+                cause_message_id=stored.message_pk))
         self.queued()
         log.info("notify.queued", ticket=ticket.number, to=list(to), message_id=message_id,
                  cause=context["event"])

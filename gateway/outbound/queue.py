@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.errors import DeskgateError
 from gateway.ingest.addresses import bounce_address
+from store import repo
 from store.models import Address, Outbox
 
 DUE_STATES = ("queued", "retry")
@@ -40,17 +41,31 @@ async def is_verified(session: AsyncSession, address: str) -> bool:
     return state == "verified"
 
 
+@dataclass(frozen=True, slots=True)
+class Queued:
+    """What `insert` tells of the row it added (no ORM object to carry around)."""
+
+    id: int
+    state: str
+
+
+def _values(kind: str, from_addr: str, to: str, message_id: str, mime: bytes, now: datetime,
+            held: bool, ticket_id: int | None, cause_message_id: int | None) -> dict[str, Any]:
+    return dict(kind=kind, ticket_id=ticket_id, cause_message_id=cause_message_id,
+                envelope_from="", envelope_to=[to], from_addr=from_addr.lower(),
+                recipient=to.lower(), message_id=message_id, mime=mime,
+                state="held" if held else "queued", attempts=0, internal_errors=0,
+                next_attempt_at=now, created_at=now,
+                last_error=HELD_REASON.format(address=from_addr) if held else None)
+
+
 async def enqueue(session: AsyncSession, *, kind: str, from_addr: str, to: str, message_id: str,
                   mime: bytes, now: datetime, secret: bytes, ticket_id: int | None = None,
                   cause_message_id: int | None = None, exempt_from_hold: bool = False) -> Outbox:
     """Adds a row; From an unverified address it waits as `held` (DESIGN 4, verification)."""
     held = not exempt_from_hold and not await is_verified(session, from_addr)
-    row = Outbox(kind=kind, ticket_id=ticket_id, cause_message_id=cause_message_id,
-                 envelope_from="", envelope_to=[to], from_addr=from_addr.lower(),
-                 recipient=to.lower(), message_id=message_id, mime=mime,
-                 state="held" if held else "queued", attempts=0, internal_errors=0,
-                 next_attempt_at=now, created_at=now,
-                 last_error=HELD_REASON.format(address=from_addr) if held else None)
+    row = Outbox(**_values(kind, from_addr, to, message_id, mime, now, held, ticket_id,
+                           cause_message_id))
     session.add(row)
     await session.flush()
     # The VERP sender names the row, so it can only be set once the row has its id.
@@ -59,10 +74,48 @@ async def enqueue(session: AsyncSession, *, kind: str, from_addr: str, to: str, 
     return row
 
 
+_OUTBOX = Outbox.__table__
+_SET_ENVELOPE_FROM = (update(_OUTBOX).where(_OUTBOX.c.id == bindparam("row_id"))
+                      .values(envelope_from=bindparam("envelope_from")))
+
+
+async def insert(session: AsyncSession, *, kind: str, from_addr: str, to: str, message_id: str,
+                 mime: bytes, now: datetime, secret: bytes, verified: bool,
+                 ticket_id: int | None = None, cause_message_id: int | None = None) -> Queued:
+    """enqueue for a caller that knows whether From is verified and needs no ORM row: the
+    same row in two plain statements, for the ingest transaction's hooks (issue 10)."""
+    values = _values(kind, from_addr, to, message_id, mime, now, not verified, ticket_id,
+                     cause_message_id)
+    row_id = await repo.insert_row(session, Outbox, values)
+    await session.execute(_SET_ENVELOPE_FROM, {
+        "row_id": row_id,
+        "envelope_from": bounce_address(from_addr.rsplit("@", 1)[1], row_id, secret)})
+    return Queued(row_id, values["state"])
+
+
+def _recent_query(kind: Any, recipient: Any, since: Any) -> Any:
+    return select(func.count(_OUTBOX.c.id)).where(
+        _OUTBOX.c.kind == kind, _OUTBOX.c.recipient == recipient, _OUTBOX.c.created_at >= since)
+
+
 async def recent_count(session: AsyncSession, kind: str, recipient: str, since: datetime) -> int:
-    return int(await session.scalar(select(func.count(Outbox.id)).where(
-        Outbox.kind == kind, Outbox.recipient == recipient.lower(),
-        Outbox.created_at >= since)) or 0)
+    return int(await session.scalar(_recent_query(kind, recipient.lower(), since)) or 0)
+
+
+_RECENT_AND_VERIFIED = select(
+    _recent_query(bindparam("kind"), bindparam("recipient"),
+                  bindparam("since", type_=_OUTBOX.c.created_at.type)).scalar_subquery(),
+    select(Address.__table__.c.verification_state)
+    .where(Address.__table__.c.email == bindparam("from_addr")).scalar_subquery())
+
+
+async def recent_and_verified(session: AsyncSession, kind: str, recipient: str,
+                              since: datetime, from_addr: str) -> tuple[int, bool]:
+    """recent_count and is_verified(from_addr) in one round trip."""
+    row = (await session.execute(_RECENT_AND_VERIFIED, {
+        "kind": kind, "recipient": recipient.lower(), "since": since,
+        "from_addr": from_addr.lower()})).one()
+    return int(row[0] or 0), row[1] == "verified"
 
 
 async def recover(session: AsyncSession, now: datetime) -> int:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from store.blobs import in_pieces, rowid_of, write_blob
 from store.engine import Store
 
 
@@ -53,25 +52,6 @@ def test_the_background_checkpoints_run_until_cancelled(tmp_path: Path) -> None:
         return (tmp_path / "c.sqlite3").stat().st_size
 
     assert asyncio.run(run()) > 3_000_000
-
-
-def test_a_big_blob_is_written_in_pieces_and_reads_back_exactly(tmp_path: Path) -> None:
-    content = bytes(range(256)) * 12_289  # 3.1 MB, not a multiple of the piece size
-
-    async def run() -> bytes:
-        store = await _store(tmp_path)
-        async with store.transaction() as session:
-            assert in_pieces(session, content) and not in_pieces(session, b"small")
-            await session.execute(text("INSERT INTO blobs VALUES ('a', zeroblob(:n))"),
-                                  {"n": len(content)})
-            await write_blob(session, "blobs", "v", await rowid_of(session, "blobs", "k", "a"),
-                             content)
-        async with store.read() as session:
-            stored = await session.scalar(text("SELECT v FROM blobs WHERE k = 'a'"))
-        await store.dispose()
-        return bytes(stored)
-
-    assert asyncio.run(run()) == content
 
 
 def test_writers_of_two_processes_queue_on_the_lock_file(tmp_path: Path) -> None:
