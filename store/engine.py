@@ -206,7 +206,8 @@ class Store:
         reader (PASSIVE), on a connection of its own, outside any transaction."""
         async with self.engine.connect() as connection:
             driver: Any = (await connection.get_raw_connection()).driver_connection
-            await driver.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            cursor = await driver.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            await cursor.close()
 
     async def checkpoints(self, every_s: float = CHECKPOINT_EVERY_S) -> None:
         """SQLite's WAL checkpoints, off the writers' path, until cancelled."""

@@ -39,12 +39,11 @@ from gateway.web.metrics import Metrics
 log = structlog.get_logger("deskgate.smtp")
 
 # aiosmtpd answers size overruns itself with plain texts; we answer with enhanced codes.
+# (DATA's own overruns are ours now: GatewaySMTP.smtp_DATA answers them directly.)
 _LIBRARY_REPLIES = {
     "552 Error: message size exceeds fixed maximum message size": R552_TOO_BIG,
-    "552 Error: Too much mail data": R552_TOO_BIG,
     # RFC 5321 4.5.3.1.6: 1000 octets a line. aiosmtpd drains the line, never buffers it.
     "500 Command line too long": R500_LINE_TOO_LONG,
-    "500 Line too long (see RFC5321 4.5.3.1.6)": R500_LINE_TOO_LONG,
 }
 # Library replies that mean an abuse limit was hit (issue 11): the metric's label.
 _LIMIT_OF_REPLY = {R500_LINE_TOO_LONG: "line_length"}

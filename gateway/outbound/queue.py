@@ -98,10 +98,6 @@ def _recent_query(kind: Any, recipient: Any, since: Any) -> Any:
         _OUTBOX.c.kind == kind, _OUTBOX.c.recipient == recipient, _OUTBOX.c.created_at >= since)
 
 
-async def recent_count(session: AsyncSession, kind: str, recipient: str, since: datetime) -> int:
-    return int(await session.scalar(_recent_query(kind, recipient.lower(), since)) or 0)
-
-
 _RECENT_AND_VERIFIED = select(
     _recent_query(bindparam("kind"), bindparam("recipient"),
                   bindparam("since", type_=_OUTBOX.c.created_at.type)).scalar_subquery(),
@@ -111,7 +107,8 @@ _RECENT_AND_VERIFIED = select(
 
 async def recent_and_verified(session: AsyncSession, kind: str, recipient: str,
                               since: datetime, from_addr: str) -> tuple[int, bool]:
-    """recent_count and is_verified(from_addr) in one round trip."""
+    """Mails of this kind to recipient since then, and whether from_addr is verified: one
+    round trip."""
     row = (await session.execute(_RECENT_AND_VERIFIED, {
         "kind": kind, "recipient": recipient.lower(), "since": since,
         "from_addr": from_addr.lower()})).one()
