@@ -78,6 +78,15 @@ async def _run(url: str, mails: int, tasks: int, profile: bool) -> dict[str, Any
     from store.engine import Store
     from store.migrate import upgrade
 
+    try:
+        from store import direct
+
+        def past_sqlalchemy() -> int:
+            return direct.executed
+    except ImportError:  # --against a tree from before store/direct.py
+        def past_sqlalchemy() -> int:
+            return 0
+
     devnull = open(os.devnull, "w")  # noqa: SIM115 — the loggers keep it for the process
     with contextlib.redirect_stderr(devnull):
         logs.configure("info")  # as in production: every event rendered, then dropped
@@ -115,6 +124,7 @@ async def _run(url: str, mails: int, tasks: int, profile: bool) -> dict[str, Any
                      "before_cursor_execute", count)
         profiler = _profiler() if profile else None
         batches0 = pipeline.commits.batches
+        direct0 = past_sqlalchemy()  # statements past SQLAlchemy fire no event
         wall0, thread0, process0 = time.perf_counter(), time.thread_time(), time.process_time()
         if profiler:
             profiler.enable()
@@ -124,6 +134,7 @@ async def _run(url: str, mails: int, tasks: int, profile: bool) -> dict[str, Any
         wall = time.perf_counter() - wall0
         thread_s, process_s = time.thread_time() - thread0, time.process_time() - process0
         event.remove(store_engine, "before_cursor_execute", count)
+        statements += past_sqlalchemy() - direct0
         batches = pipeline.commits.batches - batches0
     finally:
         await gateway.store.dispose()

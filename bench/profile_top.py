@@ -1,7 +1,10 @@
 """Summarise a py-spy raw (collapsed stacks) file: the functions that hold the most samples.
 
-Usage: python bench/profile_top.py FILE [N]. "self" counts samples where the function is on
-top of the stack; "total" counts samples where it is anywhere on it (once per sample).
+Usage: python bench/profile_top.py FILE [N] [--loop]. "self" counts samples where the
+function is on top of the stack; "total" counts samples where it is anywhere on it (once
+per sample). --loop keeps only the event loop's thread (the stacks that start at the
+`deskgate` entry point) without its waits in select(): one process's throughput is bounded
+by that thread, while the thread-pool workers mostly wait for work.
 """
 
 from __future__ import annotations
@@ -10,7 +13,12 @@ import sys
 from collections import Counter
 
 
-def main(path: str, top: int) -> None:
+def _on_loop(frames: list[str]) -> bool:
+    return any(f.startswith("_run_module_as_main") or f.startswith("<module> (deskgate")
+               for f in frames) and not frames[-1].startswith(("select (", "EpollSelector.select"))
+
+
+def main(path: str, top: int, loop_only: bool = False) -> None:
     self_count: Counter[str] = Counter()
     total_count: Counter[str] = Counter()
     samples = 0
@@ -18,18 +26,21 @@ def main(path: str, top: int) -> None:
         stack, _, count = line.rstrip("\n").rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        n = int(count)
-        samples += n
         frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
                   for f in stack.split(";")]
+        if loop_only and not _on_loop(frames):
+            continue
+        n = int(count)
+        samples += n
         self_count[frames[-1]] += n
         for frame in set(frames):
             total_count[frame] += n
-    print(f"{samples} samples")
+    print(f"{samples} samples" + (" on the event loop's thread, busy" if loop_only else ""))
     print("total%  self%  function (file)")
     for frame, n in total_count.most_common(top):
         print(f"{100 * n / samples:5.1f}  {100 * self_count[frame] / samples:5.1f}  {frame}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 40)
+    args = [a for a in sys.argv[1:] if a != "--loop"]
+    main(args[0], int(args[1]) if len(args) > 1 else 40, "--loop" in sys.argv)

@@ -21,6 +21,7 @@ from sqlalchemy import event  # noqa: E402
 
 from gateway.service import Gateway  # noqa: E402
 from gateway.settings import parse_settings  # noqa: E402
+from store import direct  # noqa: E402
 from store.engine import Store  # noqa: E402
 from store.migrate import upgrade  # noqa: E402
 
@@ -44,6 +45,7 @@ async def measure(url: str, mails: int, sessions: int, max_batch: int) -> dict[s
 
     event.listen(gateway.store.engine.sync_engine, "before_cursor_execute", statement)
     event.listen(gateway.store.engine.sync_engine, "commit", commit)
+    direct_before = direct.executed  # statements past SQLAlchemy fire no event
     todo = list(range(mails))
     codes: dict[int, int] = {}
 
@@ -64,6 +66,7 @@ async def measure(url: str, mails: int, sessions: int, max_batch: int) -> dict[s
         event.remove(gateway.store.engine.sync_engine, "before_cursor_execute", statement)
         event.remove(gateway.store.engine.sync_engine, "commit", commit)
         batches = gateway.pipeline.commits.batches
+        counts["statements"] += direct.executed - direct_before
         await gateway.stop(drain_timeout_s=5)
     return {"statements_per_mail": counts["statements"] / mails,
             "commits_per_mail": counts["commits"] / mails, "batches": batches,

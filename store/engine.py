@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from store import sqlite_inline
+from store.direct import DirectSession
 
 log = structlog.get_logger("deskgate.store")
 READ_ONLY = "deskgate_read_only"
@@ -182,7 +183,10 @@ class Store:
         self.url = url
         self.engine = make_engine(url)
         self.is_sqlite = self.engine.dialect.name == "sqlite"
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # DirectSession: the statements every mail runs go past SQLAlchemy's execution layers
+        # (store/direct.py); everything else is plain AsyncSession.
+        self.sessions = async_sessionmaker(self.engine, class_=DirectSession,
+                                           expire_on_commit=False)
         # SQLite has one writer; queueing writers here is cheaper than its busy loop.
         self._writers = WriterQueue(_lock_file_of(url)) if self.is_sqlite else None
 

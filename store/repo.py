@@ -12,6 +12,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.ingest.identify import TicketRef
+from store.direct import direct
 from store.models import (
     Account,
     AccountDomain,
@@ -44,19 +45,19 @@ def insert_ignore(session: AsyncSession, table: Any) -> Any:
 # building one (coercions, cache key) costs more event-loop CPU than its round trip
 # (issue 10). Values go in as bind parameters.
 _M, _T, _C = Message.__table__, Ticket.__table__, Contact.__table__
-_FIND_BY_FINGERPRINT = (select(_M.c.id, _T.c.number).join(_T, _T.c.id == _M.c.ticket_id)
-                        .where(_M.c.fingerprint == bindparam("fingerprint")))
-_CONTACT_BY_EMAIL = select(_C.c.id, _C.c.name).where(_C.c.email == bindparam("email"))
-_ACCOUNT_FOR_DOMAIN = (select(Account.__table__.c.id, Account.__table__.c.name)
+_FIND_BY_FINGERPRINT = direct(select(_M.c.id, _T.c.number).join(_T, _T.c.id == _M.c.ticket_id)
+                              .where(_M.c.fingerprint == bindparam("fingerprint")))
+_CONTACT_BY_EMAIL = direct(select(_C.c.id, _C.c.name).where(_C.c.email == bindparam("email")))
+_ACCOUNT_FOR_DOMAIN = direct(select(Account.__table__.c.id, Account.__table__.c.name)
                        .join(AccountDomain.__table__,
                              AccountDomain.__table__.c.account_id == Account.__table__.c.id)
                        .where(AccountDomain.__table__.c.domain == bindparam("domain")))
-_TOUCH_TICKET = (update(_T).where(_T.c.id == bindparam("ticket_id"))
+_TOUCH_TICKET = direct(update(_T).where(_T.c.id == bindparam("ticket_id"))
                  .values(updated_at=bindparam("now", type_=_T.c.updated_at.type)))
 
 
 def _ticket_insert(number: Any) -> Any:
-    return insert(_T).values(number=number).returning(_T.c.id, _T.c.number)
+    return direct(insert(_T).values(number=number).returning(_T.c.id, _T.c.number))
 
 
 _INSERT_TICKET = {  # the number as next_ticket_number gives it, inside the INSERT
@@ -64,8 +65,8 @@ _INSERT_TICKET = {  # the number as next_ticket_number gives it, inside the INSE
                              .scalar_subquery()),
     "postgresql": _ticket_insert(func.nextval("ticket_number_seq")),
 }
-_INSERT_EVENTS = insert(Event.__table__)
-_INSERT_ATTACHMENTS = insert(Attachment.__table__)
+_INSERT_EVENTS = direct(insert(Event.__table__))
+_INSERT_ATTACHMENTS = direct(insert(Attachment.__table__))
 _RETURNING_ID: dict[Any, Any] = {}
 _PUT_RAW: dict[str, Any] = {}
 
@@ -76,7 +77,7 @@ async def insert_row(session: AsyncSession, model: Any, values: dict[str, Any]) 
     statement = _RETURNING_ID.get(model)
     if statement is None:
         table = model.__table__
-        statement = _RETURNING_ID[model] = insert(table).returning(table.c.id)
+        statement = _RETURNING_ID[model] = direct(insert(table).returning(table.c.id))
     return int((await session.execute(statement, values)).scalar_one())
 
 
@@ -148,7 +149,7 @@ async def sent_message_ids(session: AsyncSession, ids: Sequence[str]) -> frozens
     return frozenset(i for i in found if i)
 
 
-_TICKET_REF = _ref_query().where(_T.c.number == bindparam("number"))
+_TICKET_REF = direct(_ref_query().where(_T.c.number == bindparam("number")))
 
 
 async def ticket_ref(session: AsyncSession, number: int) -> TicketRef | None:
@@ -188,7 +189,7 @@ async def put_raw(session: AsyncSession, sha256: str, content: bytes, now: datet
     dialect = _dialect(session)
     statement = _PUT_RAW.get(dialect)
     if statement is None:
-        statement = _PUT_RAW[dialect] = insert_ignore(session, Raw.__table__)
+        statement = _PUT_RAW[dialect] = direct(insert_ignore(session, Raw.__table__))
     await session.execute(statement, {"sha256": sha256, "content": content,
                                       "size": len(content), "created_at": now})
 

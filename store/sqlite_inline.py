@@ -135,6 +135,9 @@ class Connection:
     async def execute(self, sql: str, parameters: Any = None) -> Cursor:
         return await self.cursor().execute(sql, parameters)
 
+    async def executemany(self, sql: str, parameters: Iterable[Any]) -> Cursor:
+        return await self.cursor().executemany(sql, parameters)
+
     async def commit(self) -> None:
         await asyncio.to_thread(self._conn.commit)
 

@@ -24,6 +24,7 @@ from gateway.outbound.compose import Outgoing, compose, new_message_id, tagged_s
 from gateway.outbound.render import Renderer
 from gateway.settings import DepartmentSettings, Settings
 from store import repo
+from store.direct import direct
 from store.models import Agent, AgentDepartment, Message, Ticket
 
 log = structlog.get_logger("deskgate.notify")
@@ -67,14 +68,14 @@ _MEMBERS = (select(AgentDepartment.__table__.c.agent_id)
 # Every agent the hook may need to know of, in one round trip (issue 10): the sender if an
 # agent (any agent, active or not: their mail is never a customer's, DESIGN 3a), the
 # ticket's department's agents and its owner. No agent at all: no row.
-_PEOPLE = (select(_A.c.id, _A.c.email, _A.c.active, _A.c.email == bindparam("sender"),
+_PEOPLE = direct(select(_A.c.id, _A.c.email, _A.c.active, _A.c.email == bindparam("sender"),
                   _A.c.id.in_(_MEMBERS), _A.c.id == _T.c.owner_id)
            .select_from(_A.join(_T, _T.c.id == bindparam("ticket_id")))
            .where(or_(_A.c.email == bindparam("sender"), _A.c.id == _T.c.owner_id,
                       _A.c.id.in_(_MEMBERS)))
            .order_by(_A.c.id))
-_TEXT = select(Message.__table__.c.visible_text, Message.__table__.c.text).where(
-    Message.__table__.c.id == bindparam("message_pk"))
+_TEXT = direct(select(Message.__table__.c.visible_text, Message.__table__.c.text).where(
+    Message.__table__.c.id == bindparam("message_pk")))
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from gateway.errors import DeskgateError
 from gateway.ingest.addresses import bounce_address
 from store import repo
+from store.direct import direct
 from store.models import Address, Outbox
 
 DUE_STATES = ("queued", "retry")
@@ -75,7 +76,7 @@ async def enqueue(session: AsyncSession, *, kind: str, from_addr: str, to: str, 
 
 
 _OUTBOX = Outbox.__table__
-_SET_ENVELOPE_FROM = (update(_OUTBOX).where(_OUTBOX.c.id == bindparam("row_id"))
+_SET_ENVELOPE_FROM = direct(update(_OUTBOX).where(_OUTBOX.c.id == bindparam("row_id"))
                       .values(envelope_from=bindparam("envelope_from")))
 
 
@@ -98,11 +99,11 @@ def _recent_query(kind: Any, recipient: Any, since: Any) -> Any:
         _OUTBOX.c.kind == kind, _OUTBOX.c.recipient == recipient, _OUTBOX.c.created_at >= since)
 
 
-_RECENT_AND_VERIFIED = select(
+_RECENT_AND_VERIFIED = direct(select(
     _recent_query(bindparam("kind"), bindparam("recipient"),
                   bindparam("since", type_=_OUTBOX.c.created_at.type)).scalar_subquery(),
     select(Address.__table__.c.verification_state)
-    .where(Address.__table__.c.email == bindparam("from_addr")).scalar_subquery())
+    .where(Address.__table__.c.email == bindparam("from_addr")).scalar_subquery()))
 
 
 async def recent_and_verified(session: AsyncSession, kind: str, recipient: str,

@@ -205,6 +205,11 @@ async def test_first_import_of_500_mails_in_batches_reports_progress(
         gw = await make_gateway(extra=imap_table(dovecot, tmp_path, batch_size=40))
         await until(lambda: _last_uid(gw, "alice", 500), timeout_s=100)
         elapsed = time.monotonic() - started
+
+        async def progress_logged() -> bool:  # the last group's checkpoint commits first
+            return any(e["event"] == "imap.progress" and e["done"] == 500 for e in logs)
+
+        await until(progress_logged, timeout_s=10)
     assert await count(gw, Ticket) == 500
     progress = [e for e in logs if e["event"] == "imap.progress"]
     assert [e["done"] for e in progress][:3] == [40, 80, 120]

@@ -1,0 +1,215 @@
+"""The statements every mail runs, sent straight to the driver (issue 10).
+
+SQLAlchemy's async execution path costs ~100-200 µs of event-loop CPU per statement here
+(greenlet spawn, ORM session, execution context, result set-up) against ~5 µs for SQLite's
+own work; a new ticket takes ~13 statements. A statement registered with `direct()` is
+compiled by SQLAlchemy once per dialect and set of parameter names (so the SQL, the bind
+and result type processing and the Python-side column defaults are SQLAlchemy's own), then
+executed on the session's DBAPI driver connection (the inline SQLite shim, aiosqlite or
+asyncpg) with no layer in between.
+
+Only inside a SAVEPOINT (`session.begin_nested()`, as every group-commit unit runs): the
+savepoint was emitted through SQLAlchemy, so the transaction is open on the driver and
+rolling back to the savepoint also undoes what went past SQLAlchemy. Anywhere else, and for
+statements never registered, `DirectSession.execute` is SQLAlchemy's. Driver errors come
+out as SQLAlchemy's exception classes (IntegrityError, OperationalError ...), so callers
+catch what they always caught.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Dialect
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+from sqlalchemy.ext.asyncio import AsyncSession
+
+Processor = Callable[[Any], Any] | None
+
+_DIRECT: dict[int, Any] = {}  # id -> statement (kept alive, so ids stay unique)
+# DESKGATE_DIRECT=0 sends every statement through SQLAlchemy again, should an operator need
+# to rule this path out.
+ENABLED = os.environ.get("DESKGATE_DIRECT") != "0"
+executed = 0  # statements that took the direct path (tests, bench/statements.py)
+
+
+def direct(statement: Any) -> Any:
+    """Register a module-level Core statement for the direct path; returns it unchanged."""
+    _DIRECT[id(statement)] = statement
+    return statement
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """One statement compiled for one dialect and one set of parameter names."""
+
+    sql: str
+    names: tuple[str, ...]  # positional order of the parameters
+    binds: tuple[Processor, ...]  # SQLAlchemy's bind processing, per position
+    static: dict[str, Any]  # literal values compiled into the statement's binds
+    defaults: tuple[tuple[str, Any], ...]  # Python-side column defaults (name, ColumnDefault)
+    keys: tuple[str, ...]  # result column names; () when no rows come back
+    results: tuple[Processor, ...]
+
+
+_PLANS: dict[tuple[int, str, frozenset[str]], _Plan | None] = {}
+
+
+def _plan(statement: Any, dialect: Dialect, names: frozenset[str]) -> _Plan | None:
+    key = (id(statement), dialect.name, names)
+    try:
+        return _PLANS[key]
+    except KeyError:
+        pass
+    compiled = statement.compile(dialect=dialect, column_keys=sorted(names))
+    plan: _Plan | None = None
+    positions = getattr(compiled, "positiontup", None)
+    expanding = any(b.expanding for b in compiled.binds.values())
+    if dialect.positional and positions is not None and not expanding:
+        unescape = {v: k for k, v in (compiled.escaped_bind_names or {}).items()}
+        order = tuple(unescape.get(n, n) for n in positions)
+        binds = tuple(compiled.binds[n].type.dialect_impl(dialect).bind_processor(dialect)
+                      for n in order)
+        static = {name: bind.effective_value for name, bind in compiled.binds.items()
+                  if not bind.required and name not in names}
+        defaults = tuple((column.key, column.default) for column in compiled.insert_prefetch
+                         if column.key not in names)
+        columns = list(statement.exported_columns)  # the SELECT list or RETURNING
+        plan = _Plan(
+            sql=compiled.string, names=order, binds=binds, static=static, defaults=defaults,
+            keys=tuple(c.key for c in columns),
+            results=tuple(c.type.dialect_impl(dialect).result_processor(dialect, None)
+                          for c in columns))
+        if getattr(compiled, "update_prefetch", None) or any(
+                d is not None and not (d.is_scalar or d.is_callable) for _, d in defaults):
+            plan = None  # onupdate or SQL-expression defaults: SQLAlchemy knows how to run them
+    _PLANS[key] = plan
+    return plan
+
+
+def _arguments(plan: _Plan, params: dict[str, Any]) -> tuple[Any, ...]:
+    if plan.defaults:
+        params = dict(params)
+        for name, default in plan.defaults:
+            params[name] = default.arg if default.is_scalar else default.arg(None)
+    values = []
+    for name, process in zip(plan.names, plan.binds, strict=True):
+        value = params[name] if name in params else plan.static[name]
+        values.append(value if process is None else process(value))
+    return tuple(values)
+
+
+class DirectResult(IteratorResult):  # type: ignore[type-arg]
+    """SQLAlchemy's own Result API over the driver's rows, plus rowcount."""
+
+    rowcount: int = -1
+
+
+def _result(plan: _Plan, rows: Sequence[Any], rowcount: int) -> DirectResult:
+    if plan.results and any(p is not None for p in plan.results):
+        rows = [tuple(v if p is None else p(v) for v, p in zip(row, plan.results, strict=True))
+                for row in rows]
+    result = DirectResult(SimpleResultMetaData(plan.keys), iter(rows))
+    result.rowcount = rowcount
+    return result
+
+
+class DirectSession(AsyncSession):
+    """AsyncSession whose execute() takes the direct path for registered statements."""
+
+    async def execute(self, statement: Any, params: Any = None, *args: Any,
+                      **kwargs: Any) -> Any:
+        if (args or kwargs or not ENABLED or id(statement) not in _DIRECT
+                or not self.in_nested_transaction()):
+            return await super().execute(statement, params, *args, **kwargs)
+        many = isinstance(params, list)
+        rows_in: list[dict[str, Any]] = params if many else [params or {}]
+        if not rows_in:
+            return await super().execute(statement, params)
+        names = frozenset(rows_in[0])
+        if many and any(frozenset(r) != names for r in rows_in):
+            return await super().execute(statement, params)
+        dialect = self.sync_session.get_bind().dialect  # the engine's: no I/O
+        plan = _plan(statement, dialect, names)
+        if plan is None or (many and plan.keys):
+            return await super().execute(statement, params)
+        driver = await self._driver()
+        arguments = [_arguments(plan, r) for r in rows_in]
+        global executed
+        executed += 1
+        if dialect.name == "postgresql":
+            return await _postgres(driver, plan, arguments, many)
+        return await _sqlite(driver, plan, arguments, many)
+
+    async def _driver(self) -> Any:
+        """The DBAPI driver connection under this savepoint. SQLAlchemy's connection() is
+        asked once per savepoint: it emits a SAVEPOINT that is still pending."""
+        nested = self.sync_session.get_nested_transaction()
+        cached = self.info.get("direct_driver")
+        if cached is not None and cached[0] is nested:
+            return cached[1]
+        connection = await self.connection()
+        driver = (await connection.get_raw_connection()).driver_connection
+        self.info["direct_driver"] = (nested, driver)
+        return driver
+
+
+async def _sqlite(driver: Any, plan: _Plan, arguments: list[tuple[Any, ...]],
+                  many: bool) -> DirectResult:
+    """The inline shim or aiosqlite: the same awaitable cursor interface."""
+    try:
+        if many:
+            cursor = await driver.executemany(plan.sql, arguments)
+            rows: list[Any] = []
+        else:
+            cursor = await driver.execute(plan.sql, arguments[0])
+            rows = await cursor.fetchall() if plan.keys else []
+        rowcount = cursor.rowcount
+        await cursor.close()
+    except sqlite3.Error as error:
+        raise _wrapped(error, plan, arguments) from error
+    return _result(plan, rows, rowcount)
+
+
+async def _postgres(driver: Any, plan: _Plan, arguments: list[tuple[Any, ...]],
+                    many: bool) -> DirectResult:
+    import asyncpg
+
+    try:
+        if many:
+            await driver.executemany(plan.sql, arguments)
+            return _result(plan, [], len(arguments))
+        if plan.keys:
+            rows = [tuple(r) for r in await driver.fetch(plan.sql, *arguments[0])]
+            return _result(plan, rows, len(rows))
+        status = await driver.execute(plan.sql, *arguments[0])
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
+        raise _wrapped(error, plan, arguments) from error
+    count = status.rsplit(" ", 1)[-1]
+    return _result(plan, [], int(count) if count.isdigit() else -1)
+
+
+def _wrapped(error: BaseException, plan: _Plan, arguments: Any) -> sa_exc.DBAPIError:
+    """The driver's error as SQLAlchemy would have raised it (by class)."""
+    kind: type[sa_exc.DBAPIError] = sa_exc.OperationalError
+    if isinstance(error, sqlite3.IntegrityError) or _is_pg_integrity(error):
+        kind = sa_exc.IntegrityError
+    elif isinstance(error, sqlite3.ProgrammingError):
+        kind = sa_exc.ProgrammingError
+    elif isinstance(error, sqlite3.DatabaseError) and not isinstance(error,
+                                                                     sqlite3.OperationalError):
+        kind = sa_exc.DatabaseError
+    return kind(plan.sql, arguments, error)  # type: ignore[arg-type]
+
+
+def _is_pg_integrity(error: BaseException) -> bool:
+    try:
+        import asyncpg
+    except ImportError:  # pragma: no cover — asyncpg is a dependency
+        return False
+    return isinstance(error, asyncpg.IntegrityConstraintViolationError)
