@@ -17,6 +17,7 @@ import nh3
 from inscriptis import get_text
 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
+from gateway.ingest.language import Classify, classifier
 from gateway.ingest.model import AttachmentPart, ParsedMail
 from gateway.ingest.quotes import visible_text
 from gateway.ingest.tnef import tnef_attachments, tnef_body
@@ -121,9 +122,15 @@ def _identifier() -> LanguageIdentifier:
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
+@cache
+def _classify() -> Classify:
+    """The identifier's classify(), through gateway.ingest.language's faster equivalent."""
+    return classifier(_identifier())
+
+
 def warm_up() -> None:
     """Load the language model now rather than on the first mail (daemon start, benches)."""
-    _identifier()
+    _classify()
 
 
 def detect_language(mail: ParsedMail, text: str) -> str | None:
@@ -134,7 +141,7 @@ def detect_language(mail: ParsedMail, text: str) -> str | None:
     sample = text[:2000]
     if len(sample.strip()) < LANGUAGE_MIN_CHARS:
         return None
-    language, probability = _identifier().classify(sample)
+    language, probability = _classify()(sample)
     return str(language) if probability >= LANGUAGE_MIN_PROBABILITY else None
 
 
