@@ -24,9 +24,16 @@ BIG_VALUES_BYTES = 64 * 1024
 _OFF_LOOP = ("BEGIN", "COMMIT", "END", "ROLLBACK", "PRAGMA WAL_CHECKPOINT", "VACUUM")
 
 
+_ALWAYS_OFF: dict[str, bool] = {}  # statement text -> is it BEGIN, COMMIT ... (bounded below)
+
+
 def _off_loop(sql: str, parameters: Any) -> bool:
-    head = sql.lstrip()[:24].upper()
-    if head.startswith(_OFF_LOOP):
+    always = _ALWAYS_OFF.get(sql)
+    if always is None:
+        always = sql.lstrip()[:24].upper().startswith(_OFF_LOOP)
+        if len(_ALWAYS_OFF) < 4096:
+            _ALWAYS_OFF[sql] = always
+    if always:
         return True
     if not parameters:
         return False
