@@ -6,8 +6,17 @@ wake-up, a trip back through the event loop's self-pipe and two GIL hand-overs. 
 cost more than the work: a profile under load had the loop waiting in aiosqlite's queue put
 for 22% of its time. Here a statement runs on the calling thread, inside the coroutine that
 SQLAlchemy awaits, except what can wait or take long, which still goes to a thread:
-BEGIN (it may wait for another process's write lock), COMMIT and ROLLBACK (the fsync),
-checkpoints, and statements carrying more than 64 KiB of values (a big mail's blobs).
+ROLLBACK, checkpoints, statements carrying more than 64 KiB of values (a big mail's blobs),
+a BEGIN that would wait for another writer, and a COMMIT that would take long.
+
+BEGIN IMMEDIATE is tried on the loop without waiting (busy timeout 0): this process's
+writers already queue in WriterQueue and other deskgate processes on its lock file, so the
+write lock is nearly always free by then; only when it is not (the CLI writing, say) does
+BEGIN wait in a thread. COMMIT (the fsync) runs on the loop while this connection's recent
+commits took under INLINE_COMMIT_S and the transaction carried no big values: a thread hop
+costs up to the GIL's switch interval (5 ms) each way while the loop is busy, and measured
+under load BEGIN and COMMIT in threads held SQLite's write lock ~12 ms per batch for ~0.4 ms
+of fsync, which is what two worker processes queue on.
 
 It offers the part of aiosqlite's interface that SQLAlchemy's aiosqlite dialect and
 Store.checkpoint use (`create_async_engine(..., async_creator=connect(path))`).
@@ -17,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 BIG_VALUES_BYTES = 64 * 1024
+INLINE_COMMIT_S = 0.002  # commits quicker than this (moving average) stay on the loop
 _OFF_LOOP = ("BEGIN", "COMMIT", "END", "ROLLBACK", "PRAGMA WAL_CHECKPOINT", "VACUUM")
 
 
@@ -62,9 +73,14 @@ class _Immediate:
             future.set_result(result)
 
 
+def _is_begin(sql: str) -> bool:
+    return sql[:5].upper() == "BEGIN"
+
+
 class Cursor:
-    def __init__(self, cursor: sqlite3.Cursor) -> None:
+    def __init__(self, cursor: sqlite3.Cursor, owner: Connection) -> None:
         self._cursor = cursor
+        self._owner = owner
 
     async def __aenter__(self) -> Cursor:
         return self
@@ -95,6 +111,12 @@ class Cursor:
     async def execute(self, sql: str, parameters: Any = None) -> Cursor:
         parameters = () if parameters is None else parameters
         if _off_loop(sql, parameters):
+            if _is_begin(sql):
+                self._owner.big_values = False
+                if self._owner.begin_now(sql):
+                    return self
+            elif parameters:  # big values: the COMMIT writing them goes to a thread too
+                self._owner.big_values = True
             await asyncio.to_thread(self._cursor.execute, sql, parameters)
         else:
             self._cursor.execute(sql, parameters)
@@ -103,6 +125,7 @@ class Cursor:
     async def executemany(self, sql: str, parameters: Iterable[Any]) -> Cursor:
         rows = list(parameters)
         if any(_off_loop(sql, row) for row in rows):
+            self._owner.big_values = True
             await asyncio.to_thread(self._cursor.executemany, sql, rows)
         else:
             self._cursor.executemany(sql, rows)
@@ -128,16 +151,40 @@ class Cursor:
 
 
 class Connection:
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, timeout_s: float = 30.0) -> None:
         self._conn = self._connection = connection
         self._tx = _Immediate()
+        self._timeout_ms = int(timeout_s * 1000)
+        self._commit_s = 0.0  # moving average of this connection's commits, wherever run
+        self.big_values = False  # the open transaction went to a thread: so does its COMMIT
+
+    def begin_now(self, sql: str) -> bool:
+        """BEGIN on the loop if it need not wait for the write lock; False if it must."""
+        conn = self._conn
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            conn.execute(sql)
+            return True
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                return False
+            raise
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {self._timeout_ms}")
+
+    def _timed_commit(self, big: bool) -> None:
+        started = time.perf_counter()
+        self._conn.commit()
+        if not big:  # the average says how long a small transaction's fsync takes here
+            took = time.perf_counter() - started
+            self._commit_s = took if not self._commit_s else 0.8 * self._commit_s + 0.2 * took
 
     @property
     def isolation_level(self) -> str | None:
         return self._conn.isolation_level
 
     def cursor(self) -> Cursor:
-        return Cursor(self._conn.cursor())
+        return Cursor(self._conn.cursor(), self)
 
     async def execute(self, sql: str, parameters: Any = None) -> Cursor:
         return await self.cursor().execute(sql, parameters)
@@ -146,9 +193,14 @@ class Connection:
         return await self.cursor().executemany(sql, parameters)
 
     async def commit(self) -> None:
-        await asyncio.to_thread(self._conn.commit)
+        big, self.big_values = self.big_values, False
+        if big or self._commit_s >= INLINE_COMMIT_S:
+            await asyncio.to_thread(self._timed_commit, big)
+        else:
+            self._timed_commit(big)
 
     async def rollback(self) -> None:
+        self.big_values = False
         await asyncio.to_thread(self._conn.rollback)
 
     async def create_function(self, *args: Any, **kwargs: Any) -> None:
@@ -170,6 +222,6 @@ def connect(path: str, timeout_s: float = 30.0) -> Callable[[], Any]:
         # one user at a time (SQLAlchemy's pool), serialized by SQLite's own mutex too.
         connection = await asyncio.to_thread(sqlite3.connect, path, timeout=timeout_s,
                                              check_same_thread=False)
-        return Connection(connection)
+        return Connection(connection, timeout_s)
 
     return create

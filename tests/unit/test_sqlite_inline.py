@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from store import sqlite_inline
 from store.sqlite_inline import BIG_VALUES_BYTES, _off_loop, connect
 
 
@@ -24,22 +29,97 @@ def test_small_statements_run_on_the_calling_thread() -> None:
     assert not _off_loop("INSERT INTO events VALUES (?, ?)", (1, b"x" * 1000))
 
 
-def test_a_connection_runs_small_statements_inline_and_commits_in_a_thread(
-        tmp_path: Path) -> None:
-    async def run() -> tuple[list[tuple[int]], bool]:
-        connection = await connect(str(tmp_path / "i.sqlite3"))()
-        connection._conn.isolation_level = None  # noqa: SLF001 — as store/engine.py sets it
-        loop_thread = threading.get_ident()
-        seen: list[int] = []
-        connection._conn.set_trace_callback(lambda _: seen.append(threading.get_ident()))  # noqa: SLF001
-        await connection.execute("CREATE TABLE t (a INTEGER)")
-        await connection.execute("BEGIN IMMEDIATE")
-        await connection.execute("INSERT INTO t VALUES (?)", (1,))
-        await connection.commit()
+async def _traced(path: Path) -> tuple[Any, list[tuple[str, bool]]]:
+    """A connection as store/engine.py sets it up; each statement with whether it ran on the
+    loop's thread."""
+    connection = await connect(str(path))()
+    connection._conn.isolation_level = None  # noqa: SLF001 — as store/engine.py sets it
+    loop_thread = threading.get_ident()
+    seen: list[tuple[str, bool]] = []
+    connection._conn.set_trace_callback(  # noqa: SLF001
+        lambda sql: seen.append((sql, threading.get_ident() == loop_thread)))
+    await connection.execute("CREATE TABLE IF NOT EXISTS t (a INTEGER)")
+    return connection, seen
+
+
+def _thread_of(seen: list[tuple[str, bool]], head: str) -> list[bool]:
+    return [on_loop for sql, on_loop in seen if sql.upper().startswith(head)]
+
+
+def test_with_the_write_lock_free_begin_and_a_quick_commit_stay_on_the_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_inline, "INLINE_COMMIT_S", 60.0)  # whatever this disk's fsync
+
+    async def run() -> tuple[list[tuple[int]], list[tuple[str, bool]]]:
+        connection, seen = await _traced(tmp_path / "i.sqlite3")
+        for value in (1, 2):
+            await connection.execute("BEGIN IMMEDIATE")
+            await connection.execute("INSERT INTO t VALUES (?)", (value,))
+            await connection.commit()
         rows = await (await connection.execute("SELECT a FROM t")).fetchall()
         await connection.close()
-        # CREATE, INSERT and SELECT on this thread; BEGIN and COMMIT elsewhere
-        return rows, seen.count(loop_thread) == 3 and len(seen) == 5
+        return rows, seen
 
-    rows, placed = asyncio.run(run())
-    assert rows == [(1,)] and placed
+    rows, seen = asyncio.run(run())
+    assert rows == [(1,), (2,)]
+    assert all(on_loop for _, on_loop in seen)
+    assert _thread_of(seen, "BEGIN") == [True, True] and len(_thread_of(seen, "COMMIT")) == 2
+
+
+def test_begin_waits_in_a_thread_while_another_connection_writes(tmp_path: Path) -> None:
+    """The CLI (or any other writer) holds the lock: BEGIN must wait, not fail, and the loop
+    must go on meanwhile."""
+    async def run() -> tuple[list[tuple[str, bool]], int, int]:
+        connection, seen = await _traced(tmp_path / "w.sqlite3")
+        other = sqlite3.connect(tmp_path / "w.sqlite3", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.ensure_future(tick())
+        begin = asyncio.ensure_future(connection.execute("BEGIN IMMEDIATE"))
+        await asyncio.sleep(0.2)
+        waited = ticks
+        assert not begin.done()
+        other.execute("COMMIT")
+        await begin
+        await connection.execute("INSERT INTO t VALUES (?)", (1,))
+        await connection.commit()
+        ticker.cancel()
+        other.close()
+        await connection.close()
+        return seen, waited, len(_thread_of(seen, "BEGIN"))
+
+    seen, waited, begins = asyncio.run(run())
+    assert waited >= 10  # the loop ran while BEGIN waited for the other writer
+    assert _thread_of(seen, "BEGIN") == [True, False]  # tried on the loop, then waited aside
+    assert _thread_of(seen, "PRAGMA BUSY_TIMEOUT") == [True, True]  # 0, then back
+    assert begins == 2
+
+
+def test_a_commit_of_big_values_or_after_slow_commits_goes_to_a_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_inline, "INLINE_COMMIT_S", 60.0)
+
+    async def run() -> list[tuple[str, bool]]:
+        connection, seen = await _traced(tmp_path / "b.sqlite3")
+        await connection.execute("BEGIN IMMEDIATE")
+        await connection.execute("INSERT INTO t VALUES (?)", (b"x" * (BIG_VALUES_BYTES + 1),))
+        await connection.commit()  # big values: in a thread
+        await connection.execute("BEGIN IMMEDIATE")
+        await connection.execute("INSERT INTO t VALUES (?)", (1,))
+        await connection.commit()  # small again: on the loop
+        monkeypatch.setattr(sqlite_inline, "INLINE_COMMIT_S", 0.0)  # as if the disk were slow
+        await connection.execute("BEGIN IMMEDIATE")
+        await connection.execute("INSERT INTO t VALUES (?)", (2,))
+        await connection.commit()
+        await connection.close()
+        return seen
+
+    seen = asyncio.run(run())
+    assert _thread_of(seen, "COMMIT") == [False, True, False]
