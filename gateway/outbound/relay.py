@@ -102,12 +102,14 @@ class RelayWorker:
     async def _loop(self) -> None:
         await self.recover()
         while not self._stopping.is_set():
+            # Cleared before the round, not after: a wake() that comes while we send (a mail
+            # queued meanwhile) starts the next round at once instead of waiting out the poll.
+            self._wake.clear()
             try:
                 await self.run_until_idle()
             except Exception:  # noqa: BLE001 — the store may be down; try again later
                 log.exception("outbox.loop_error")
-            self._wake.clear()
-            if self._stopping.is_set():  # stop() came while we sent: its wake was just cleared
+            if self._stopping.is_set():
                 break
             try:
                 await asyncio.wait_for(self._wake.wait(), self.outbound.outbox.poll_interval_s)
