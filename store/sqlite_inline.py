@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -86,7 +87,7 @@ class Cursor:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._cursor.close()
+        await self.close()
 
     @property
     def description(self) -> Any:
@@ -117,7 +118,7 @@ class Cursor:
                     return self
             elif parameters:  # big values: the COMMIT writing them goes to a thread too
                 self._owner.big_values = True
-            await asyncio.to_thread(self._cursor.execute, sql, parameters)
+            await self._owner.in_thread(self._cursor.execute, sql, parameters)
         else:
             self._cursor.execute(sql, parameters)
         return self
@@ -126,7 +127,7 @@ class Cursor:
         rows = list(parameters)
         if any(_off_loop(sql, row) for row in rows):
             self._owner.big_values = True
-            await asyncio.to_thread(self._cursor.executemany, sql, rows)
+            await self._owner.in_thread(self._cursor.executemany, sql, rows)
         else:
             self._cursor.executemany(sql, rows)
         return self
@@ -141,7 +142,8 @@ class Cursor:
         return self._cursor.fetchall()
 
     async def close(self) -> None:
-        self._cursor.close()
+        if not self._owner.running:  # else a thread still uses it; it goes when unreferenced
+            self._cursor.close()
 
     async def setinputsizes(self, *sizes: Sequence[Any]) -> None:
         return None
@@ -155,6 +157,8 @@ class Connection:
         self._conn = self._connection = connection
         self._tx = _Immediate()
         self._timeout_ms = int(timeout_s * 1000)
+        self._guard = threading.Lock()  # _running and closing, between the loop and threads
+        self._running = 0  # statements of this connection running in threads now
         self._commit_s = 0.0  # moving average of this connection's commits, wherever run
         self.big_values = False  # the open transaction went to a thread: so does its COMMIT
 
@@ -195,13 +199,13 @@ class Connection:
     async def commit(self) -> None:
         big, self.big_values = self.big_values, False
         if big or self._commit_s >= INLINE_COMMIT_S:
-            await asyncio.to_thread(self._timed_commit, big)
+            await self.in_thread(self._timed_commit, big)
         else:
             self._timed_commit(big)
 
     async def rollback(self) -> None:
         self.big_values = False
-        await asyncio.to_thread(self._conn.rollback)
+        await self.in_thread(self._conn.rollback)
 
     async def create_function(self, *args: Any, **kwargs: Any) -> None:
         self._conn.create_function(*args, **kwargs)
@@ -209,10 +213,39 @@ class Connection:
     async def close(self) -> None:
         self.stop()
 
+    async def in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        """function(*args) in a thread. Its caller may be cancelled (the daemon stopping) and
+        the connection closed while the thread still runs: the close then waits for the
+        thread to finish, as closing under a running statement crashes the process."""
+        return await asyncio.to_thread(self._run, function, *args)
+
+    @property
+    def running(self) -> bool:
+        return bool(self._running)
+
+    def _run(self, function: Callable[..., Any], *args: Any) -> Any:
+        with self._guard:
+            if self._connection is None:
+                raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+            self._running += 1
+        try:
+            return function(*args)
+        finally:
+            with self._guard:
+                self._running -= 1
+                close = self._connection is None and not self._running
+            if close:
+                self._conn.close()
+
     def stop(self) -> None:
-        if self._connection is not None:
+        with self._guard:
+            if self._connection is None:
+                return
             self._connection = None
-            self._conn.close()
+            if self._running:  # the last thread to finish closes it (_run)
+                return
+        self._conn.close()
+
 
 
 def connect(path: str, timeout_s: float = 30.0) -> Callable[[], Any]:

@@ -123,3 +123,34 @@ def test_a_commit_of_big_values_or_after_slow_commits_goes_to_a_thread(
 
     seen = asyncio.run(run())
     assert _thread_of(seen, "COMMIT") == [False, True, False]
+
+
+def test_closing_while_a_thread_still_runs_a_statement_waits_for_it(tmp_path: Path) -> None:
+    """The daemon stopping cancels a BEGIN that waits in a thread, and SQLAlchemy closes the
+    connection: closing under the running statement would crash the process; the close
+    happens when the thread is done instead."""
+    async def run() -> tuple[bool, bool]:
+        connection, _ = await _traced(tmp_path / "c.sqlite3")
+        other = sqlite3.connect(tmp_path / "c.sqlite3", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        begin = asyncio.ensure_future(connection.execute("BEGIN IMMEDIATE"))
+        await asyncio.sleep(0.1)
+        assert connection.running
+        begin.cancel()
+        await connection.close()
+        open_meanwhile = connection._conn.total_changes >= 0  # noqa: SLF001 — still usable
+        other.execute("COMMIT")
+        other.close()
+        for _ in range(200):  # the thread's BEGIN goes through, then it closes the connection
+            if not connection.running:
+                break
+            await asyncio.sleep(0.01)
+        try:
+            connection._conn.total_changes  # noqa: B018, SLF001
+            closed = False
+        except sqlite3.ProgrammingError:
+            closed = True
+        return open_meanwhile, closed
+
+    open_meanwhile, closed = asyncio.run(run())
+    assert open_meanwhile and closed
