@@ -67,16 +67,12 @@ def _mail(tag: str, i: int, parent: str | None) -> tuple[str, bytes]:
 
 
 async def _run(url: str, mails: int, tasks: int, profile: bool) -> dict[str, Any]:
-    from servers import CONFIG, free_port
+    from servers import migrated_gateway
     from sqlalchemy import event
 
     from gateway import logs
     from gateway.ingest.model import Envelope
     from gateway.ingest.pipeline import Outcome
-    from gateway.service import Gateway
-    from gateway.settings import parse_settings
-    from store.engine import Store
-    from store.migrate import upgrade
 
     try:
         from store import direct
@@ -90,12 +86,7 @@ async def _run(url: str, mails: int, tasks: int, profile: bool) -> dict[str, Any
     devnull = open(os.devnull, "w")  # noqa: SIM115 — the loggers keep it for the process
     with contextlib.redirect_stderr(devnull):
         logs.configure("info")  # as in production: every event rendered, then dropped
-    store = Store(url)
-    await upgrade(store)
-    await store.dispose()
-    text = CONFIG.format(url=url, port=0, max_bytes=2**20, relay_port=free_port(),
-                         web_port=free_port())
-    gateway = Gateway(parse_settings(text, "bench.toml"))
+    gateway = await migrated_gateway(url)
     pipeline = gateway.pipeline
     await pipeline.start()  # departments, as Gateway.start does; nothing else is started
     statements = 0

@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -52,6 +53,22 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+async def migrated_gateway(url: str) -> Any:
+    """An in-process Gateway as `deskgate serve` builds it (CONFIG), on a store migrated
+    first; not started. Imports late: bench/ingest_cost.py points sys.path at another tree."""
+    from gateway.service import Gateway
+    from gateway.settings import parse_settings
+    from store.engine import Store
+    from store.migrate import upgrade
+
+    store = Store(url)
+    await upgrade(store)
+    await store.dispose()
+    text = CONFIG.format(url=url, port=0, max_bytes=2**20, relay_port=free_port(),
+                         web_port=free_port())
+    return Gateway(parse_settings(text, "bench.toml"))
 
 
 def wait_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:

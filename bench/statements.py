@@ -16,23 +16,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from probe import Connection, mail  # noqa: E402
-from servers import CONFIG, ROOT, free_port, pg_create, pg_drop  # noqa: E402
+from servers import ROOT, migrated_gateway, pg_create, pg_drop  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 
-from gateway.service import Gateway  # noqa: E402
-from gateway.settings import parse_settings  # noqa: E402
 from store import direct  # noqa: E402
-from store.engine import Store  # noqa: E402
-from store.migrate import upgrade  # noqa: E402
 
 
 async def measure(url: str, mails: int, sessions: int, max_batch: int) -> dict[str, float]:
-    store = Store(url)
-    await upgrade(store)
-    await store.dispose()
-    text = CONFIG.format(url=url, port=0, max_bytes=2**20, relay_port=free_port(),
-                         web_port=free_port())
-    gateway = Gateway(parse_settings(text, "bench.toml"))
+    gateway = await migrated_gateway(url)
     await gateway.start(port=0)
     gateway.pipeline.commits.max_batch = max_batch
     counts = {"statements": 0, "commits": 0}
