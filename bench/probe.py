@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
+import random
 import signal
 import sys
 import time
@@ -125,15 +127,17 @@ async def noop_lag(port: int, interval_s: float, stop: asyncio.Event) -> list[fl
 
 
 async def big_sender(port: int, tag: str, i: int, size: int) -> tuple[int, float]:
-    # A base64-looking attachment: the realistic shape of a big mail.
-    line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAxMjM0"
+    # A base64 attachment of random bytes: what a big mail carries is mostly compressed
+    # already (PDF, JPEG, ZIP), so neither the store nor the disk can shrink it.
     head = (f"From: big{i}@customer.example\r\nTo: support@example.test\r\n"
             f"Subject: Big {tag} {i}\r\nMessage-ID: <big.{tag}.{i}@customer.example>\r\n"
             "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
             "--b\r\nContent-Type: text/plain\r\n\r\nSee attached.\r\n--b\r\n"
             "Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
             "Content-Disposition: attachment; filename=big.bin\r\n\r\n").encode()
-    body = head + (line + b"\r\n") * (size // (len(line) + 2)) + b"--b--\r\n"
+    data = random.Random(f"{tag}.{i}").randbytes(size * 57 // 78)  # 57 bytes a 78-byte line
+    encoded = base64.encodebytes(data)
+    body = head + encoded.replace(b"\n", b"\r\n") + b"--b--\r\n"
     started = time.perf_counter()
     conn = await Connection.open(port)
     code, _ = await conn.send(f"big{i}@customer.example", "support@example.test", body)

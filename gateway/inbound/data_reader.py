@@ -37,16 +37,33 @@ class _Lines:
             return
         if self.cr and chunk.startswith(b"\n"):  # a CRLF split between two reads
             self.current, chunk = 0, chunk[1:]
-        lines = chunk.split(b"\r\n")  # C speed; a Python loop per line costs 10x more
-        if len(lines) > 1:
-            longest = max(self.current + len(lines[0]), max(map(len, lines[1:-1]), default=0))
-            if longest > self.limit:
+        first = chunk.find(b"\r\n")
+        if first >= 0:
+            last = chunk.rfind(b"\r\n")
+            if self.current + first > self.limit or (
+                    last > first and self._long_line_within(chunk, first + 2, last)):
                 self.over = True
                 return
-            self.current = 0
-        self.current += len(lines[-1])
+            self.current = len(chunk) - last - 2
+        else:
+            self.current += len(chunk)
         self.cr = chunk.endswith(b"\r")
         self.over = self.current - self.cr > self.limit
+
+    def _long_line_within(self, chunk: bytes | bytearray, start: int, end: int) -> bool:
+        """A line over the limit in chunk[start:end] (whole lines, CRLF-separated).
+
+        Splitting a 10 MB mail into its lines made 135,000 objects (a fifth of the loop's
+        time while big mails arrived). A line longer than 2 * step holds a whole window
+        [i, i + step + 1) of the grid below without a CRLF, so where every window has one,
+        no line is over the limit; only where one has none are the lines measured.
+        """
+        step = max(1, self.limit // 2)
+        find = chunk.find
+        for i in range(start, end, step):
+            if find(b"\r\n", i, i + step + 1) < 0:
+                return max(map(len, chunk[start:end].split(b"\r\n"))) > self.limit
+        return False
 
 
 def _pending_prefix(tail: bytes | bytearray) -> bytes:
@@ -98,7 +115,9 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None,
 def _unstuff(data: bytearray) -> bytes:
     """Drop the leading dot of every line (RFC 5321 4.5.2; aiosmtpd drops any leading dot),
     then DATA's own CRLF; at most two copies of a big mail exist at any time."""
-    if b"\r\n." in data:
+    # A lone "." is found by memchr at memory speed; "\r\n." is matched from every CR, ten
+    # times slower. Base64 has no dots at all, so a big attachment skips the second search.
+    if b"." in data and b"\r\n." in data:
         unstuffed = data.replace(b"\r\n.", b"\r\n")
         data.clear()
         data = unstuffed

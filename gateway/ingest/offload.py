@@ -30,9 +30,22 @@ def _executor() -> ProcessPoolExecutor:
         # forked child could inherit held. One process less than the cores: the loop keeps one.
         workers = max(1, (os.cpu_count() or 2) - 1)
         _pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                    initializer=return_big_buffers)
+                                    initializer=_parser_process_init)
         _owner = os.getpid()
     return _pool
+
+
+# How much lower the parser process runs than the serving one: a big mail's parse is bulk
+# work that may wait; the small mails the loop answers meanwhile should not (issue 10).
+PARSER_NICENESS = 10
+
+
+def _parser_process_init() -> None:
+    return_big_buffers()
+    try:
+        os.nice(PARSER_NICENESS)
+    except OSError:  # not allowed (a seccomp'd sandbox): the same priority is still correct
+        pass
 
 
 def _nothing() -> None:

@@ -146,21 +146,27 @@ async def test_a_conflicting_unit_is_retried_alone_and_its_neighbours_commit(
 
 
 
-async def test_a_big_mail_is_parsed_in_another_process_and_stored_beside_a_batch(
-        make_gateway: Any) -> None:
-    """Over PARSE_IN_THREAD_BYTES a mail is parsed in the parser process and stored in a
-    transaction of its own; the small mails around it still share theirs."""
-    gw = await _gateway(make_gateway)
+def _big_mail(subject: str) -> tuple[bytes, bytes]:
+    """(attachment, mail): a mail over PARSE_IN_THREAD_BYTES, the size of one to offload."""
     payload = bytes(range(256)) * (PARSE_IN_THREAD_BYTES // 256)
     encoded = base64.encodebytes(payload).decode().replace("\n", "\r\n")
-    big = ("From: Big <big@example.org>\r\nTo: support@example.test\r\nSubject: Big one\r\n"
-           "Message-ID: <big@example.org>\r\nMIME-Version: 1.0\r\n"
+    big = ("From: Big <big@example.org>\r\nTo: support@example.test\r\n"
+           f"Subject: {subject}\r\nMessage-ID: <big@example.org>\r\nMIME-Version: 1.0\r\n"
            'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
            "Content-Type: text/plain\r\n\r\nSee attached.\r\n--b\r\n"
            "Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
            "Content-Disposition: attachment; filename=big.bin\r\n\r\n" + encoded +
            "--b--\r\n").encode()
     assert len(big) > PARSE_IN_THREAD_BYTES
+    return payload, big
+
+
+async def test_a_big_mail_is_parsed_in_another_process_and_stored_beside_a_batch(
+        make_gateway: Any) -> None:
+    """Over PARSE_IN_THREAD_BYTES a mail is parsed in the parser process and stored in a
+    transaction of its own; the small mails around it still share theirs."""
+    gw = await _gateway(make_gateway)
+    payload, big = _big_mail("Big one")
     replies = await _send_all(gw.inbound_port, [big, *_mails("Small", 6)])
     assert [r.code for r in replies] == [250] * 7
     assert offload._pool is not None  # the parser process took the big one
@@ -170,6 +176,31 @@ async def test_a_big_mail_is_parsed_in_another_process_and_stored_beside_a_batch
                                         .where(Attachment.filename == "big.bin"))).one()
     assert tuple(stored) == (len(payload), hashlib.sha256(payload).hexdigest())
     assert await _count(gw, Message, Message.direction == "in") == 7
+
+
+async def test_a_big_mails_raw_bytes_commit_first_and_its_retry_after_a_451_stores_it_once(
+        make_gateway: Any) -> None:
+    """The raw bytes of a big mail have a commit of their own (SQLite's write lock is held
+    for each half in turn): when the rest then fails, the sender gets 451, nothing else of
+    the mail is there, and its retry adds the rest beside the same raw row."""
+    gw = await _gateway(make_gateway)
+    _, big = _big_mail("Big and unlucky")
+    async with mail_fails(gw.store, "Big and unlucky"):
+        failed = await send(gw.inbound_port, big)
+    assert (failed.code, failed.stage) == (451, "data")
+    assert await _count(gw, Raw) == 1
+    for model in (Ticket, Message, Attachment, Contact):
+        assert await _count(gw, model) == 0, model.__tablename__
+    stored = await send(gw.inbound_port, big)
+    assert (stored.code, stored.stage) == (250, "data")
+    assert [await _count(gw, model) for model in (Raw, Ticket, Attachment)] == [1] * 3
+    assert await _count(gw, Message, Message.direction == "in") == 1
+    async with gw.store.read() as session:
+        message_raw = await session.scalar(select(Message.raw_sha256)
+                                           .where(Message.direction == "in"))
+        raw = await session.get(Raw, message_raw)
+    assert raw is not None and hashlib.sha256(raw.content).hexdigest() == message_raw
+    assert raw.content.endswith(b"--b--\r\n") and raw.size == len(raw.content)
 
 
 async def test_sqlite_writers_take_turns_between_batches_and_other_transactions() -> None:

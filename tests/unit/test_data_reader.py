@@ -7,7 +7,7 @@ import asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.inbound.data_reader import DataState, read_data
+from gateway.inbound.data_reader import DataState, _Lines, read_data
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit, CRLF included
 
@@ -116,3 +116,26 @@ def test_same_as_aiosmtpd_for_any_mail_and_any_split(body: list[bytes], cuts: li
     assert (content, rest) == (expected_content, expected_rest)
     # Over both limits, which one is named may differ (per read here, per line there).
     assert (state is DataState.NOMINAL) == (expected_state is DataState.NOMINAL)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=st.lists(_pieces, max_size=60), cuts=st.lists(st.integers(0, 4000), max_size=8),
+       limit=st.sampled_from([1, 2, 3, 7, 300, 999]))
+def test_longest_line_tracking_is_exact_for_any_limit_and_split(body: list[bytes],
+                                                                cuts: list[int],
+                                                                limit: int) -> None:
+    # The reader's window check stands in for measuring every line: whatever the limit and
+    # wherever the reads split the mail, it says "over" exactly when some line is over.
+    stream = b"".join(body)
+    lines = _Lines(limit)
+    start = 0
+    for cut in [*sorted({min(c, len(stream)) for c in cuts}), len(stream)]:
+        if cut > start:  # a read is never empty
+            lines.feed(stream[start:cut])
+            start = cut
+    longest = max(map(len, stream.split(b"\r\n")), default=0)
+    # The unfinished last line may end in a CR that the next read turns into its CRLF.
+    unfinished = stream.rsplit(b"\r\n", 1)[-1]
+    if unfinished.endswith(b"\r") and len(unfinished) == longest:
+        longest -= 1
+    assert lines.over == (longest > limit)
