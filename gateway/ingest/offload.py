@@ -44,7 +44,7 @@ def _parser_process_init() -> None:
     return_big_buffers()
     try:
         os.nice(PARSER_NICENESS)
-    except OSError:  # not allowed (a seccomp'd sandbox): the same priority is still correct
+    except OSError:  # not permitted here: it parses at the serving process's priority
         pass
 
 
