@@ -240,23 +240,35 @@ async def supervise(config: str, workers: int) -> int:
     connections. SIGTERM/SIGINT are passed on; when one worker exits, the others are stopped.
     """
     command = [sys.executable, "-m", "gateway.cli", "--config", config, "serve", "--reuse-port"]
-    children = [await asyncio.create_subprocess_exec(*command) for _ in range(workers)]
+    children: list[asyncio.subprocess.Process] = []
     stopping: list[bool] = []
+    signalled: set[int] = set()  # workers we sent SIGTERM while they still ran
+
+    def stop(child: asyncio.subprocess.Process) -> None:
+        if child.returncode is None:
+            child.send_signal(signal.SIGTERM)
+            signalled.add(child.pid)
 
     def stop_all() -> None:
         if stopping:  # once: a second SIGTERM would cut a worker's drain short
             return
         stopping.append(True)
         for child in children:
-            if child.returncode is None:
-                child.send_signal(signal.SIGTERM)
+            stop(child)
 
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_all)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before the workers: a stop that comes
+        loop.add_signal_handler(signum, stop_all)  # while they start reaches each of them
+    for _ in range(workers):
+        children.append(await asyncio.create_subprocess_exec(*command))
+        if stopping:
+            stop(children[-1])
     log.info("service.workers", workers=workers, pids=[c.pid for c in children])
     waits = [asyncio.ensure_future(c.wait()) for c in children]
     await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     stop_all()
     codes = await asyncio.gather(*waits)
-    return max((abs(code) for code in codes), default=0)
+    # A worker that our SIGTERM ended before it had set up its handlers was still starting:
+    # it had not listened yet, so nothing was in flight, and that is a clean stop.
+    return max((0 if code == -signal.SIGTERM and child.pid in signalled else abs(code)
+                for child, code in zip(children, codes, strict=True)), default=0)
