@@ -118,6 +118,7 @@ class _Context:
     # Readable view: CPU-heavy (quote parsing, language guess), so made before the
     # transaction, outside SQLite's write lock (measured: bench/README.md).
     view: Readable | None = None
+    raw_kept: bool = False  # a big mail's raw row, committed already (_keep_raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +228,7 @@ class Pipeline:
                 await repo.put_raw(session, ctx.sha256, ctx.raw, self.clock())
         except (SQLAlchemyError, OSError) as exc:
             raise _unavailable(bound, exc) from exc
+        ctx.raw_kept = True
 
     async def _store_batched(self, ctx: _Context, bound: Any) -> Verdict:
         """Group commit: this mail's writes share a transaction with concurrent mails, each
@@ -422,7 +424,8 @@ class Pipeline:
 
     async def _apply(self, session: AsyncSession, ctx: _Context, threading: ThreadDecision,
                      decision: Decision, now: datetime) -> Verdict:
-        await repo.put_raw(session, ctx.sha256, ctx.raw, now)
+        if not ctx.raw_kept:  # else the 10 MB would go to the store a second time, for nothing
+            await repo.put_raw(session, ctx.sha256, ctx.raw, now)
         events: list[tuple[str, dict[str, Any]]] = list(decision.events)
         if decision.action is Action.APPEND and decision.ticket is not None:
             ticket_id, number = decision.ticket.id, decision.ticket.number
