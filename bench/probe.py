@@ -126,7 +126,7 @@ async def noop_lag(port: int, interval_s: float, stop: asyncio.Event) -> list[fl
     return lags
 
 
-async def big_sender(port: int, tag: str, i: int, size: int) -> tuple[int, float]:
+def big_body(tag: str, i: int, size: int) -> bytes:
     # A base64 attachment of random bytes: what a big mail carries is mostly compressed
     # already (PDF, JPEG, ZIP), so neither the store nor the disk can shrink it.
     head = (f"From: big{i}@customer.example\r\nTo: support@example.test\r\n"
@@ -137,7 +137,10 @@ async def big_sender(port: int, tag: str, i: int, size: int) -> tuple[int, float
             "Content-Disposition: attachment; filename=big.bin\r\n\r\n").encode()
     data = random.Random(f"{tag}.{i}").randbytes(size * 57 // 78)  # 57 bytes a 78-byte line
     encoded = base64.encodebytes(data)
-    body = head + encoded.replace(b"\n", b"\r\n") + b"--b--\r\n"
+    return head + encoded.replace(b"\n", b"\r\n") + b"--b--\r\n"
+
+
+async def big_sender(port: int, i: int, body: bytes) -> tuple[int, float]:
     started = time.perf_counter()
     conn = await Connection.open(port)
     code, _ = await conn.send(f"big{i}@customer.example", "support@example.test", body)
@@ -145,18 +148,36 @@ async def big_sender(port: int, tag: str, i: int, size: int) -> tuple[int, float
     return code, time.perf_counter() - started
 
 
+async def own_lag(interval_s: float, stop: asyncio.Event) -> list[float]:
+    """How late this client's own loop wakes up: when the machine's two cores are busy, the
+    client measuring is delayed too, and that delay is not the server's."""
+    lags: list[float] = []
+    while not stop.is_set():
+        started = time.perf_counter()
+        await asyncio.sleep(interval_s)
+        lags.append(time.perf_counter() - started - interval_s)
+    return lags
+
+
 async def phase(port: int, seconds: float, big: int, big_bytes: int) -> dict[str, object]:
     stop = asyncio.Event()
-    small = asyncio.create_task(probe_mails(port, 5 * 1024, 0.02, stop))
-    lag = asyncio.create_task(noop_lag(port, 0.01, stop))
-    tag = uuid.uuid4().hex[:8]
-    started = time.perf_counter()
+    sender = None
     if big:  # another process, as another MTA: building and writing 10 MiB bodies here
-        # would stall this loop and count the client's own delay as the server's
+        # would stall this loop and count the client's own delay as the server's. It builds
+        # its bodies first (an MTA sends from its queue) and sends when told to.
         sender = await asyncio.create_subprocess_exec(
             sys.executable, __file__, "send-big", "--port", str(port), "--big", str(big),
-            "--big-bytes", str(big_bytes), "--tag", tag, stdout=asyncio.subprocess.PIPE)
-        output, _ = await sender.communicate()
+            "--big-bytes", str(big_bytes), "--tag", uuid.uuid4().hex[:8],
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        assert sender.stdout is not None and sender.stdin is not None
+        if await sender.stdout.readline() != b"ready\n":
+            raise RuntimeError("the big-mail sender did not get ready")
+    small = asyncio.create_task(probe_mails(port, 5 * 1024, 0.02, stop))
+    lag = asyncio.create_task(noop_lag(port, 0.01, stop))
+    own = asyncio.create_task(own_lag(0.005, stop))
+    started = time.perf_counter()
+    if sender is not None:
+        output, _ = await sender.communicate(b"go\n")
         results = [tuple(r) for r in json.loads(output)]
     else:
         await asyncio.sleep(seconds)
@@ -165,6 +186,7 @@ async def phase(port: int, seconds: float, big: int, big_bytes: int) -> dict[str
     stop.set()
     out = await small
     out["lag_s"] = await lag
+    out["own_lag_s"] = await own
     out["elapsed_s"] = elapsed
     out["big_codes"] = [code for code, _ in results]
     out["big_seconds"] = [seconds for _, seconds in results]
@@ -184,8 +206,11 @@ async def main() -> None:
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     if args.mode == "send-big":  # the big mails of `phase`, at once, from this process
-        print(json.dumps(await asyncio.gather(*(big_sender(args.port, args.tag, i, args.big_bytes)
-                                               for i in range(args.big)))))
+        bodies = [big_body(args.tag, i, args.big_bytes) for i in range(args.big)]
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        print(json.dumps(await asyncio.gather(*(big_sender(args.port, i, body)
+                                               for i, body in enumerate(bodies)))))
         return
     if args.mode == "latency":
         stop = asyncio.Event()

@@ -37,9 +37,10 @@ class Reply:
 
 async def send(port: int, data: bytes, mail_from: str = "jess@example.org",
                rcpts: tuple[str, ...] = ("support@example.test",),
-               mail_options: tuple[str, ...] = ()) -> Reply:
+               mail_options: tuple[str, ...] = (), helo: str | None = None) -> Reply:
     """One SMTP transaction over a real socket; the first refusal or the DATA answer."""
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=30, start_tls=False)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=30, start_tls=False,
+                             local_hostname=helo)
     await client.connect()
     stage = "mail"
     try:

@@ -257,7 +257,7 @@ class InboundHandler(SessionsHandler):
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SMTPEnvelope) -> str:
         raw = envelope.original_content or b""
         meta = Envelope(mail_from=envelope.mail_from or "", rcpt_tos=tuple(envelope.rcpt_tos),
-                        peer=_peer(session), channel="smtp")
+                        peer=_peer(session), channel="smtp", helo=session.host_name or "")
         self.inflight += 1
         self.idle.clear()
         started, outcome = time.perf_counter(), "temporary_failure"

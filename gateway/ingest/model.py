@@ -15,6 +15,7 @@ class Envelope:
     rcpt_tos: tuple[str, ...]
     peer: str = ""
     channel: str = "smtp"  # smtp | pipe | imap | reprocess
+    helo: str = ""  # the client's HELO/EHLO name (SPF checks it for the null sender)
     # An IMAP first import with from = "all" (issue 7): stored as the mailbox's history, so
     # the after-store hooks send no acknowledgement and no notification.
     history: bool = False

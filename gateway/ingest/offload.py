@@ -19,6 +19,10 @@ from gateway.memory import return_big_buffers
 log = structlog.get_logger("deskgate.ingest")
 T = TypeVar("T")
 
+# Over this size a mail's CPU-heavy steps (parse, hash, DKIM canonicalization) run in the
+# parser process: in a thread they would hold the GIL long enough to stall every session.
+BIG_MAIL_BYTES = 256 * 1024
+
 _pool: ProcessPoolExecutor | None = None
 _owner = 0  # the pid that made the pool: a forked worker process makes its own
 

@@ -31,7 +31,7 @@ from gateway.ingest.identify import (
     thread,
 )
 from gateway.ingest.model import Classification, Envelope, ParsedMail
-from gateway.ingest.offload import in_process
+from gateway.ingest.offload import BIG_MAIL_BYTES, in_process
 from gateway.ingest.parse import parse
 from gateway.ingest.readable import (
     DEFAULT_CID_URL,
@@ -54,7 +54,7 @@ from store.models import Message, Quarantine, Ticket
 log = structlog.get_logger("deskgate.ingest")
 
 # Parsing a big mail takes long enough to stall every other session on the loop.
-PARSE_IN_THREAD_BYTES = 256 * 1024
+PARSE_IN_THREAD_BYTES = BIG_MAIL_BYTES
 
 
 class Outcome(StrEnum):

@@ -6,15 +6,17 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import aiosmtplib
 import structlog
 
+from gateway.ingest.offload import BIG_MAIL_BYTES, in_process
 from gateway.outbound import queue
 from gateway.outbound.classify import Answer, Disposition, RetryPolicy, backoff, judge
 from gateway.outbound.config import OutboundSettings
-from gateway.outbound.dkim import Signer
+from gateway.outbound.dkim import Signer, sign_with
 from gateway.settings import Listen
 from store import repo
 from store.engine import Store
@@ -152,7 +154,7 @@ class RelayWorker:
                     await client.connect()
                     if self.relay.username:
                         await client.login(self.relay.username, self.relay.password or "")
-                answer = await _deliver(client, row, self._sign(row))
+                answer = await _deliver(client, row, await self._sign(row))
             except NO_REPLY as exc:
                 answer = Answer.no_reply(f"{type(exc).__name__}: {exc}"[:300])
                 client = _drop(client)
@@ -169,8 +171,12 @@ class RelayWorker:
             except aiosmtplib.SMTPException:
                 client.close()
 
-    def _sign(self, row: queue.Claimed) -> bytes:
-        return self.signer.sign(row.mime, row.from_addr.rsplit("@", 1)[-1])
+    async def _sign(self, row: queue.Claimed) -> bytes:
+        domain = row.from_addr.rsplit("@", 1)[-1]
+        key = self.signer.key_for(domain)
+        if key is not None and len(row.mime) > BIG_MAIL_BYTES:  # off the loop and the GIL
+            return await in_process(partial(sign_with, key), row.mime)
+        return self.signer.sign(row.mime, domain)
 
     async def _settle(self, row: queue.Claimed, answer: Answer) -> None:
         now = self.clock()

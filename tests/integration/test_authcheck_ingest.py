@@ -130,3 +130,13 @@ async def test_forged_sender_threads_only_by_a_message_id_we_sent(make_gateway: 
     answer = make_mail(subject="Re: Refund needed", body="Thanks", in_reply_to=f"<{ours}>")
     reply = await send(gw.inbound_port, answer)
     assert reply.code == 250 and "ticket 1" in reply.message
+
+
+async def test_the_null_senders_helo_name_is_what_spf_checks(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    gw.pipeline.auth.resolver = TableResolver(
+        {**DNS, "mx.bounce.example": ["v=spf1 ip4:127.0.0.0/8 -all"]})
+    reply = await send(gw.inbound_port, make_mail(), mail_from="", helo="mx.bounce.example")
+    assert reply.code == 250
+    [(_, header)] = await received(gw)
+    assert header is not None and "spf=pass smtp.helo=mx.bounce.example" in header

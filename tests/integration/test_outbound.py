@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.ingest.addresses import reply_address
-from gateway.outbound import verify
+from gateway.ingest.offload import BIG_MAIL_BYTES
+from gateway.outbound import queue, relay, verify
 from gateway.outbound.catcher import DISCONNECT, CatchHandler, start_catcher
 from gateway.service import Gateway
 from store.models import Address, Event, Outbox, Ticket
@@ -305,6 +306,36 @@ async def test_sent_mail_carries_a_dkim_signature_that_verifies(outbound: Any,
     assert dkim.verify(content, dnsfunc=dnsfunc)
     [row] = await setup.rows()
     assert not row.mime.startswith(b"DKIM-Signature")  # signed at send time, not stored
+
+
+async def test_a_big_mail_is_signed_in_the_parser_process(outbound: Any, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """An agent's reply with a big attachment: signing it on the loop stalled every session."""
+    offloaded: list[Any] = []
+    real = relay.in_process
+
+    async def noting(function: Any, raw: bytes) -> Any:
+        offloaded.append(function)
+        return await real(function, raw)
+
+    monkeypatch.setattr(relay, "in_process", noting)
+    setup = await outbound()
+    big = make_mail(sender="support@example.test", to="jess@example.org",
+                    body="An attachment's worth of text, line after line.\r\n"
+                    * (BIG_MAIL_BYTES // 40))
+    assert len(big) > BIG_MAIL_BYTES
+    async with setup.gateway.store.transaction() as session:
+        await queue.enqueue(session, kind="reply", from_addr="support@example.test",
+                            to="jess@example.org", message_id="big@deskgate.test", mime=big,
+                            now=setup.clock(), secret=SECRET.encode(), exempt_from_hold=True)
+    await setup.drain()
+    record = (tmp_path / "dkim" / "example.test.dev.txt").read_text().strip().encode()
+    [caught] = setup.relay.caught
+    assert caught.content.startswith(b"DKIM-Signature:") and caught.content.endswith(big)
+    assert dkim.verify(caught.content, dnsfunc=lambda name, timeout=5: record
+                       if name == b"dev._domainkey.example.test." else None)
+    assert [getattr(call, "func", None) for call in offloaded] == [relay.sign_with]
 
 
 # --- bounces ------------------------------------------------------------------------------

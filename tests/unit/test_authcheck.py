@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import dkim
 import dns.message
@@ -16,6 +17,7 @@ import dns.rrset
 import pytest
 
 from gateway.errors import ConfigError
+from gateway.ingest import authcheck
 from gateway.ingest.authcheck import (
     AuthChecker,
     AuthSettings,
@@ -25,6 +27,8 @@ from gateway.ingest.authcheck import (
     TableResolver,
     TrustedForwarder,
     aligned,
+    check_signatures,
+    key_names,
     org_domain,
     parse_dmarc,
     peer_ip,
@@ -32,6 +36,7 @@ from gateway.ingest.authcheck import (
 )
 from gateway.ingest.identify import auth_verdict
 from gateway.ingest.model import Envelope
+from gateway.ingest.offload import BIG_MAIL_BYTES
 from gateway.ingest.parse import parse
 from gateway.outbound.dkim import DkimKey, Signer, generate
 from gateway.settings import parse_settings
@@ -57,15 +62,24 @@ def signed(raw: bytes, domain: str = "example.org", key: bytes = KEY.private) ->
     return Signer([DkimKey(domain, "sel", "rsa-sha256", key)]).sign(raw, domain)
 
 
-def envelope(peer: str = "127.0.0.1:40000", mail_from: str = "jess@example.org") -> Envelope:
-    return Envelope(mail_from, ("support@example.test",), peer)
+def envelope(peer: str = "127.0.0.1:40000", mail_from: str = "jess@example.org",
+             helo: str = "") -> Envelope:
+    return Envelope(mail_from, ("support@example.test",), peer, helo=helo)
 
 
 def check(raw: bytes, resolver: TableResolver | None = None, peer: str = "127.0.0.1:40000",
-          mail_from: str = "jess@example.org", **settings: object):
+          mail_from: str = "jess@example.org", helo: str = "", **settings: object):
     checker = AuthChecker(AuthSettings(**settings), "deskgate.test",  # type: ignore[arg-type]
                           resolver or table())
-    return checker.check_sync(raw, parse(raw), envelope(peer, mail_from))
+    return checker.check_sync(raw, parse(raw), envelope(peer, mail_from, helo))
+
+
+async def check_async(raw: bytes, resolver: TableResolver | None = None,
+                      peer: str = "127.0.0.1:40000", **settings: object):
+    """The checker as the pipeline calls it (a big mail's signatures in the parser process)."""
+    checker = AuthChecker(AuthSettings(**settings), "deskgate.test",  # type: ignore[arg-type]
+                          resolver or table())
+    return await checker.check(raw, parse(raw), envelope(peer))
 
 
 FORWARDER = (TrustedForwarder(ipaddress.ip_network("10.0.0.0/8"), "mx.acme.com"),)
@@ -149,6 +163,15 @@ def test_junk_dkimpy_cannot_read_is_permerror_not_a_crash() -> None:
     outcome = check(b" leading continuation line\r\n" + signed(make_mail()))
     assert outcome.source == "own" and "dkim=permerror" in (outcome.header or "")
     assert outcome.authenticated is False  # SPF still failed hard
+
+
+def test_the_null_sender_is_checked_by_its_helo_name() -> None:
+    resolver = table(mx__bounce__example=["v=spf1 ip4:127.0.0.0/8 -all"])
+    outcome = check(make_mail(), resolver, mail_from="", helo="mx.bounce.example")
+    assert "spf=pass smtp.helo=mx.bounce.example" in (outcome.header or "")
+    outcome = check(make_mail(), resolver, peer="198.51.100.1:25", mail_from="",
+                    helo="mx.bounce.example")
+    assert "spf=fail smtp.helo=mx.bounce.example" in (outcome.header or "")
 
 
 def test_signature_of_another_domain_does_not_align() -> None:
@@ -268,8 +291,8 @@ def test_received_from_clause(value: str, ip: str | None, helo: str) -> None:
     assert (str(found) if found else None, name) == (ip, helo)
 
 
-def arc_sealed(results: str, key: bytes = KEY.private) -> bytes:
-    raw = make_mail()
+def arc_sealed(results: str, key: bytes = KEY.private, body: str = "Hello, I need help.") -> bytes:
+    raw = make_mail(body=body)
     header = f"Authentication-Results: mx.acme.com; {results}\r\n".encode()
     return b"".join(dkim.arc_sign(header + raw, b"arc", b"acme.com", key, b"mx.acme.com")) + raw
 
@@ -283,6 +306,102 @@ def test_forwarders_arc_results_count_when_the_chain_holds() -> None:
     broken = raw.replace(b"Hello", b"Hallo")  # the sealed body changed: chain fails
     outcome = check(broken, resolver, peer="10.0.0.1:25", forwarders=FORWARDER)
     assert outcome.source == "own" and "arc=fail" in (outcome.header or "")
+
+
+# --- big mails: signatures checked in the parser process, on keys looked up first ---
+
+# Spaces doubled and trailing: relaxed canonicalization has work to do on every line.
+BIG_BODY = "A line  of a  big mail, with a trailing space \r\n" * (BIG_MAIL_BYTES // 40)
+
+
+def tampered_body(raw: bytes) -> bytes:
+    changed = raw.replace(b"\r\n\r\n", b"\r\n\r\nP.S. ", 1)
+    assert changed != raw
+    return changed
+
+
+@pytest.fixture
+def offloaded(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """What went to the parser process (the real one: this only notes each call)."""
+    calls: list[Any] = []
+    real = authcheck.in_process
+
+    async def noting(function: Any, raw: bytes) -> Any:
+        calls.append(function)
+        return await real(function, raw)
+
+    monkeypatch.setattr(authcheck, "in_process", noting)
+    return calls
+
+
+@pytest.mark.parametrize(("tampered", "timeouts", "expected"), [
+    (False, (), "dkim=pass header.d=example.org"),
+    (True, (), "dkim=fail header.d=example.org"),
+    (False, ("sel._domainkey.example.org",), "dkim=temperror header.d=example.org"),
+])
+async def test_a_big_mails_signature_is_checked_in_the_parser_process_alike(
+        offloaded: list[Any], tampered: bool, timeouts: tuple[str, ...], expected: str) -> None:
+    raw = signed(make_mail(body=BIG_BODY))
+    assert len(raw) > BIG_MAIL_BYTES
+    if tampered:
+        raw = tampered_body(raw)
+    resolver = table()
+    resolver.timeouts = set(timeouts)
+    outcome = await check_async(raw, resolver)
+    assert [getattr(call, "func", None) for call in offloaded] == [check_signatures]
+    assert expected in (outcome.header or "")
+    alike = check(raw, resolver)  # the small-mail way: all of it in this thread
+    assert (outcome.header, outcome.authenticated, outcome.detail["dns_failures"]) == (
+        alike.header, alike.authenticated, alike.detail["dns_failures"])
+    assert bool(timeouts) == bool(outcome.detail["dns_failures"])
+
+
+async def test_a_key_the_header_parse_missed_is_looked_up_and_checked_again(
+        offloaded: list[Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = signed(signed(make_mail(body=BIG_BODY)), domain="evil.example", key=OTHER_KEY.private)
+    monkeypatch.setattr(authcheck, "key_names", lambda raw: key_names(raw)[:1])
+    outcome = await check_async(raw)
+    assert len(offloaded) == 2  # the second time with the key it asked for
+    assert "dkim=pass header.d=evil.example" in (outcome.header or "")
+    assert "dkim=pass header.d=example.org" in (outcome.header or "")
+    assert outcome.detail["dns_failures"] == []
+    assert outcome.header == check(raw).header
+
+
+async def test_a_big_mails_arc_chain_is_checked_in_the_parser_process(offloaded: list[Any]
+                                                                       ) -> None:
+    resolver = table(arc___domainkey__acme__com=[KEY.dns_value])
+    raw = arc_sealed("spf=pass smtp.mailfrom=jess@example.org; dmarc=pass header.from=example.org",
+                     body=BIG_BODY)
+    outcome = await check_async(raw, resolver, peer="10.0.0.1:25", forwarders=FORWARDER)
+    assert len(offloaded) == 1
+    assert (outcome.authenticated, outcome.source) == (True, "arc:mx.acme.com")
+    outcome = await check_async(tampered_body(raw), resolver, peer="10.0.0.1:25",
+                                forwarders=FORWARDER)
+    assert outcome.source == "own" and "arc=fail" in (outcome.header or "")
+
+
+async def test_small_mails_and_unsigned_big_ones_stay_in_the_thread(offloaded: list[Any]
+                                                                     ) -> None:
+    assert "dkim=pass" in ((await check_async(signed(make_mail()))).header or "")
+    assert "dkim=none" in ((await check_async(make_mail(body=BIG_BODY))).header or "")
+    assert offloaded == []
+
+
+def test_key_names_as_dkimpy_forms_them() -> None:
+    raw = (b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org;\r\n\ts=sel; bh=x; b=y\r\n"
+           b"dkim-signature : v=1; d=example.org; s=sel; b=z\r\n"  # the same key once
+           b"DKIM-Signature: v=1; d=example.org; d=twice; s=sel\r\n"  # junk: dkimpy's call
+           b"ARC-Seal: i=1; a=rsa-sha256; d=acme.com; s=arc; cv=none; b=w\r\n"
+           b"Subject: hi\r\n\r\nDKIM-Signature: v=1; d=body.example; s=no\r\n")
+    assert key_names(raw) == [b"sel._domainkey.example.org.", b"arc._domainkey.acme.com."]
+
+
+def test_a_name_not_looked_up_is_temperror_and_asked_for() -> None:
+    raw = signed(make_mail())
+    result = check_signatures(authcheck.Keys({}, {}), False, raw)
+    assert [d.result for d in result.dkims] == ["temperror"]
+    assert result.missing == [b"sel._domainkey.example.org."]
 
 
 # --- modes and settings ---
