@@ -165,3 +165,16 @@ def corpus_dir() -> Path:
     if not (path / "manifest.tsv").is_file():
         need_peer("the shared corpus", f"{path}/manifest.tsv is missing")
     return path
+
+
+def note_offloads(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[Any]:
+    """What `module` hands to the parser process; the real one still runs each call."""
+    calls: list[Any] = []
+    real = module.in_process
+
+    async def noting(function: Any, raw: bytes) -> Any:
+        calls.append(function)
+        return await real(function, raw)
+
+    monkeypatch.setattr(module, "in_process", noting)
+    return calls

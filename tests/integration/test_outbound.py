@@ -20,7 +20,7 @@ from gateway.outbound import queue, relay, verify
 from gateway.outbound.catcher import DISCONNECT, CatchHandler, start_catcher
 from gateway.service import Gateway
 from store.models import Address, Event, Outbox, Ticket
-from tests.conftest import SECRET
+from tests.conftest import SECRET, note_offloads
 from tests.mailbuild import make_mail, send
 
 
@@ -312,14 +312,7 @@ async def test_a_big_mail_is_signed_in_the_parser_process(outbound: Any, tmp_pat
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
     """An agent's reply with a big attachment: signing it on the loop stalled every session."""
-    offloaded: list[Any] = []
-    real = relay.in_process
-
-    async def noting(function: Any, raw: bytes) -> Any:
-        offloaded.append(function)
-        return await real(function, raw)
-
-    monkeypatch.setattr(relay, "in_process", noting)
+    offloaded = note_offloads(monkeypatch, relay)
     setup = await outbound()
     big = make_mail(sender="support@example.test", to="jess@example.org",
                     body="An attachment's worth of text, line after line.\r\n"

@@ -40,7 +40,7 @@ from gateway.ingest.offload import BIG_MAIL_BYTES
 from gateway.ingest.parse import parse
 from gateway.outbound.dkim import DkimKey, Signer, generate
 from gateway.settings import parse_settings
-from tests.conftest import settings_text
+from tests.conftest import note_offloads, settings_text
 from tests.mailbuild import make_mail
 
 KEY = generate("rsa-sha256", 1024)
@@ -322,16 +322,7 @@ def tampered_body(raw: bytes) -> bytes:
 
 @pytest.fixture
 def offloaded(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """What went to the parser process (the real one: this only notes each call)."""
-    calls: list[Any] = []
-    real = authcheck.in_process
-
-    async def noting(function: Any, raw: bytes) -> Any:
-        calls.append(function)
-        return await real(function, raw)
-
-    monkeypatch.setattr(authcheck, "in_process", noting)
-    return calls
+    return note_offloads(monkeypatch, authcheck)
 
 
 @pytest.mark.parametrize(("tampered", "timeouts", "expected"), [
