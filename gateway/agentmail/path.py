@@ -28,8 +28,9 @@ from gateway.errors import DeskgateError
 from gateway.ingest.addresses import RouteKind, find_tag, reply_address
 from gateway.ingest.identify import ThreadEvidence, TicketRef, normalize_address, thread
 from gateway.ingest.model import Envelope, ParsedMail
+from gateway.ingest.offload import BIG_MAIL_BYTES
 from gateway.ingest.parse import parse
-from gateway.ingest.pipeline import PARSE_IN_THREAD_BYTES, Pipeline, fingerprint
+from gateway.ingest.pipeline import Pipeline, fingerprint
 from gateway.ingest.readable import best_text
 from gateway.outbound import queue
 from gateway.outbound.compose import Outgoing, compose
@@ -116,7 +117,7 @@ class AgentPath:
     async def deliver(self, agent: AgentIdentity, raw: bytes, envelope: Envelope) -> str:
         """250 only after the reply, its outbox rows and every command are committed."""
         prepared = await asyncio.to_thread(self._prepare, raw, envelope) \
-            if len(raw) > PARSE_IN_THREAD_BYTES else self._prepare(raw, envelope)
+            if len(raw) > BIG_MAIL_BYTES else self._prepare(raw, envelope)
         if isinstance(prepared, str):
             return prepared
         sender = normalize_address(prepared.mail.from_addr)

@@ -53,9 +53,6 @@ from store.models import Message, Quarantine, Ticket
 
 log = structlog.get_logger("deskgate.ingest")
 
-# Parsing a big mail takes long enough to stall every other session on the loop.
-PARSE_IN_THREAD_BYTES = BIG_MAIL_BYTES
-
 
 class Outcome(StrEnum):
     STORED = "stored"
@@ -194,7 +191,7 @@ class Pipeline:
         routes = [r for r in map(self.route, envelope.rcpt_tos) if r.accepted]
         if not routes:
             return Verdict(Outcome.REJECTED, reason="no recipient is one of our addresses")
-        if len(raw) > PARSE_IN_THREAD_BYTES:
+        if len(raw) > BIG_MAIL_BYTES:
             mail, sha, failure = await in_process(_parse_and_hash, raw)  # off the GIL
         else:
             mail, sha, failure = _parse_and_hash(raw)
@@ -203,13 +200,13 @@ class Pipeline:
             return await self._quarantine(raw, sha, envelope, failure or str(mail and mail.fatal),
                                           bound)
         auth = await self.auth.check(raw, mail, envelope)  # DNS: in a thread, time-bounded
-        if len(raw) > PARSE_IN_THREAD_BYTES:
+        if len(raw) > BIG_MAIL_BYTES:
             ctx = await asyncio.to_thread(self._context, raw, sha, envelope, mail, routes, auth)
         else:
             ctx = self._context(raw, sha, envelope, mail, routes, auth)
         bound = bound.bind(message_id=mail.message_id, department=routes[0].department,
                            rules=[h.rule for h in ctx.classification.hits])
-        if len(raw) > PARSE_IN_THREAD_BYTES:  # a big mail would hold up a whole batch
+        if len(raw) > BIG_MAIL_BYTES:  # a big mail would hold up a whole batch
             await self._keep_raw(ctx, bound)
             return await self._store_alone(ctx, bound)
         return await self._store_batched(ctx, bound)

@@ -15,7 +15,7 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from gateway.ingest import offload
-from gateway.ingest.pipeline import PARSE_IN_THREAD_BYTES
+from gateway.ingest.offload import BIG_MAIL_BYTES
 from gateway.replies import R250_DUPLICATE
 from store.engine import GroupCommit, Store, WriterQueue
 from store.models import Attachment, Contact, Event, Message, Raw, Ticket
@@ -147,8 +147,8 @@ async def test_a_conflicting_unit_is_retried_alone_and_its_neighbours_commit(
 
 
 def _big_mail(subject: str) -> tuple[bytes, bytes]:
-    """(attachment, mail): a mail over PARSE_IN_THREAD_BYTES, the size of one to offload."""
-    payload = bytes(range(256)) * (PARSE_IN_THREAD_BYTES // 256)
+    """(attachment, mail): a mail over BIG_MAIL_BYTES, the size of one to offload."""
+    payload = bytes(range(256)) * (BIG_MAIL_BYTES // 256)
     encoded = base64.encodebytes(payload).decode().replace("\n", "\r\n")
     big = ("From: Big <big@example.org>\r\nTo: support@example.test\r\n"
            f"Subject: {subject}\r\nMessage-ID: <big@example.org>\r\nMIME-Version: 1.0\r\n"
@@ -157,13 +157,13 @@ def _big_mail(subject: str) -> tuple[bytes, bytes]:
            "Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n"
            "Content-Disposition: attachment; filename=big.bin\r\n\r\n" + encoded +
            "--b--\r\n").encode()
-    assert len(big) > PARSE_IN_THREAD_BYTES
+    assert len(big) > BIG_MAIL_BYTES
     return payload, big
 
 
 async def test_a_big_mail_is_parsed_in_another_process_and_stored_beside_a_batch(
         make_gateway: Any) -> None:
-    """Over PARSE_IN_THREAD_BYTES a mail is parsed in the parser process and stored in a
+    """Over BIG_MAIL_BYTES a mail is parsed in the parser process and stored in a
     transaction of its own; the small mails around it still share theirs."""
     gw = await _gateway(make_gateway)
     payload, big = _big_mail("Big one")
