@@ -333,8 +333,10 @@ class GroupCommit:
     async def _one(session: AsyncSession, queued: _Queued[Any],
                    answers: list[tuple[_Queued[Any], Any]], again: list[_Queued[Any]]) -> None:
         """One unit in its savepoint; its failure is its caller's alone."""
+        savepoint = session.unit() if isinstance(session, DirectSession) \
+            else session.begin_nested()
         try:
-            async with session.begin_nested():
+            async with savepoint:
                 answers.append((queued, await queued.unit(session)))
         except IntegrityError as exc:
             queued.attempt += 1

@@ -11,12 +11,13 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import event, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from gateway.ingest import offload
 from gateway.ingest.offload import BIG_MAIL_BYTES
 from gateway.replies import R250_DUPLICATE
+from store import repo
 from store.engine import GroupCommit, Store, WriterQueue
 from store.models import Attachment, Contact, Event, Message, Raw, Ticket
 from tests.faults import commit_fails, mail_fails
@@ -24,6 +25,7 @@ from tests.mailbuild import Reply, make_mail, send
 
 N = 12
 GATHER_S = 0.3  # the first batch waits this long, so every mail sent at once joins it
+NOW = datetime(2026, 11, 24, 9, 30, tzinfo=UTC)
 
 
 async def _count(gateway: Any, model: Any, *where: Any) -> int:
@@ -144,6 +146,100 @@ async def test_a_conflicting_unit_is_retried_alone_and_its_neighbours_commit(
     finally:
         await store.dispose()
 
+
+
+async def _run_units(db_url: str, *units: Any) -> tuple[list[Any], list[str], int]:
+    """The units in one batch: (their results or errors, the contacts kept, SAVEPOINTs
+    that went through SQLAlchemy)."""
+    store = Store(db_url)
+    commits = GroupCommit(store, linger_s=GATHER_S, writers=1)
+    through_sqlalchemy = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if statement.startswith("SAVEPOINT"):
+            through_sqlalchemy.append(statement)
+
+    event.listen(store.engine.sync_engine, "before_cursor_execute", seen)
+    try:
+        results = await asyncio.gather(*(commits.run(u, attempts=1) for u in units),
+                                       return_exceptions=True)
+        assert commits.largest == len(units) and commits.batches == 1
+        async with store.read() as session:
+            emails = sorted((await session.scalars(select(Contact.email))).all())
+    finally:
+        await store.dispose()
+    return results, emails, len(through_sqlalchemy)
+
+
+def _direct(email: str) -> Any:
+    async def unit(session: Any) -> int:
+        return int(await repo.insert_row(session, Contact, {"email": email, "created_at": NOW}))
+    return unit
+
+
+async def test_units_savepoints_go_past_sqlalchemy_until_a_unit_uses_the_orm(
+        db_url: str) -> None:
+    """Only the batch's first SAVEPOINT goes through SQLAlchemy (it begins the transaction
+    on the driver); a unit that then works on the session's objects gets a nested
+    transaction of SQLAlchemy's own, and what it only added to the session is flushed
+    inside its savepoint."""
+    async def orm_added(session: Any) -> str:
+        session.add(Contact(email="added@example.org", created_at=NOW))
+        return "added"
+
+    async def orm_read(session: Any) -> int:
+        return int(await session.scalar(select(func.count()).select_from(Contact)))
+
+    results, emails, through = await _run_units(
+        db_url, _direct("a@example.org"), _direct("b@example.org"), orm_added, orm_read)
+    assert results[2:] == ["added", 3]  # the ORM saw the direct writes of the batch
+    assert emails == ["a@example.org", "added@example.org", "b@example.org"]
+    assert through == 2  # the batch's first; a nested one for orm_added's flush (a plain
+    # query with nothing pending can neither flush nor leave the session unusable)
+
+
+async def test_a_unit_whose_orm_flush_fails_fails_alone(db_url: str) -> None:
+    """A failed flush would leave SQLAlchemy's session unusable for the whole batch were
+    it not inside a nested transaction of its own."""
+    async def flush_fails(session: Any) -> None:
+        await repo.insert_row(session, Contact, {"email": "gone@example.org",
+                                                 "created_at": NOW})
+        session.add(Contact(email="a@example.org", created_at=NOW))  # a's row exists
+        await session.flush()
+
+    async def added_after(session: Any) -> str:
+        session.add(Contact(email="after@example.org", created_at=NOW))
+        return "after"
+
+    results, emails, _ = await _run_units(
+        db_url, _direct("a@example.org"), flush_fails, added_after, _direct("z@example.org"))
+    assert isinstance(results[1], IntegrityError)
+    assert results[2] == "after" and isinstance(results[3], int)
+    assert emails == ["a@example.org", "after@example.org", "z@example.org"]
+
+
+async def test_a_failed_unit_leaves_nothing_in_the_session_for_the_next_one(
+        db_url: str) -> None:
+    """A row the failed unit wrote and the ORM loaded is undone; SQLite gives its id to the
+    next insert, whose own row the ORM must then read, not the undone one it held."""
+    async def loads_then_fails(session: Any) -> None:
+        contact_id = await _direct("undone@example.org")(session)
+        assert (await session.get(Contact, contact_id)).email == "undone@example.org"
+        raise RuntimeError("boom")
+
+    async def loads_own(session: Any) -> str:
+        contact_id = await _direct("kept@example.org")(session)
+        return str((await session.get(Contact, contact_id)).email)
+
+    async def left_pending_then_fails(session: Any) -> None:
+        session.add(Contact(email="pending@example.org", created_at=NOW))
+        raise RuntimeError("boom")
+
+    results, emails, _ = await _run_units(
+        db_url, loads_then_fails, loads_own, left_pending_then_fails, _direct("z@example.org"))
+    assert isinstance(results[0], RuntimeError) and isinstance(results[2], RuntimeError)
+    assert results[1] == "kept@example.org"
+    assert emails == ["kept@example.org", "z@example.org"]  # pending@ was not flushed later
 
 
 def _big_mail(subject: str) -> tuple[bytes, bytes]:
