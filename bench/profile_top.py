@@ -3,8 +3,9 @@
 Usage: python bench/profile_top.py FILE [N] [--loop]. "self" counts samples where the
 function is on top of the stack; "total" counts samples where it is anywhere on it (once
 per sample). --loop keeps only the event loop's thread (the stacks that start at the
-`deskgate` entry point) without its waits in select(): one process's throughput is bounded
-by that thread, while the thread-pool workers mostly wait for work.
+`deskgate` entry point, and SQLAlchemy's greenlets, which run on it) without its waits in
+select(): one process's throughput is bounded by that thread, while the thread-pool workers
+mostly wait for work.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ from collections import Counter
 
 
 def _on_loop(frames: list[str]) -> bool:
-    return any(f.startswith("_run_module_as_main") or f.startswith("<module> (deskgate")
-               for f in frames) and not frames[-1].startswith(("select (", "EpollSelector.select"))
+    """The loop thread's stacks start at the entry point; SQLAlchemy's greenlets run on that
+    thread too, but py-spy shows a greenlet's stack from its own first frame. Pool threads
+    start at Thread._bootstrap."""
+    if frames[-1].startswith(("select (", "EpollSelector.select")):
+        return False
+    return not frames[0].startswith(("Thread._bootstrap", "_bootstrap ("))
 
 
 def main(path: str, top: int, loop_only: bool = False) -> None:
