@@ -158,9 +158,10 @@ class DirectSession(AsyncSession):
             sync = self.sync_session
             if sync.new or sync.dirty or sync.deleted:  # added, never flushed: flush them
                 await self.flush()  # now, inside the unit (flush() opens the nested one)
-            nested = self.info.pop(_NESTED, None)
+            nested = self.info.get(_NESTED)
             if nested is not None:
                 await nested.commit()
+                del self.info[_NESTED]  # committed: a failure after it needs no rollback
             await self._control(driver, f"RELEASE SAVEPOINT {UNIT_SAVEPOINT}")
         except BaseException:
             nested = self.info.pop(_NESTED, None)
@@ -181,10 +182,10 @@ class DirectSession(AsyncSession):
         """Called before anything that runs through SQLAlchemy's session inside a unit.
         identity=False: a statement (execute, scalar ...) that cannot flush while nothing
         is pending, and whose failure leaves the session usable."""
-        sync = self.sync_session
-        if not identity and not (sync.new or sync.dirty or sync.deleted):
+        if not self.info.get(_IN_UNIT) or _NESTED in self.info:
             return
-        if self.info.get(_IN_UNIT) and _NESTED not in self.info:
+        sync = self.sync_session
+        if identity or sync.new or sync.dirty or sync.deleted:
             # begin_nested() flushes first, which would put what the unit added outside the
             # nested transaction: those objects wait outside the session meanwhile. (Changed
             # objects are flushed there, inside the unit's savepoint: should that fail, the
