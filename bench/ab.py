@@ -3,6 +3,9 @@
 Usage: python bench/ab.py NAME=DIR [NAME=DIR ...]   (DIR holds gateway/ and store/)
 Each tree serves on its own port and database; smtp-source (20 sessions, 5 KB) loads them
 in turn, A B C, C B A, ... Prints mails/s per round and CPU seconds per 1,000 mails.
+AB_MODE=big runs the big-mail phase of `make bench` instead (10 MiB mails at once: 5 with
+BENCH_QUICK=1, else 20; small mails alongside): small-mail p99 alone and with big mails,
+per round and median.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import smtp_source_for, warm  # noqa: E402
-from servers import ROOT, sqlite_url, start_deskgate  # noqa: E402
+from run import BIG, big_mails, smtp_source_for, warm  # noqa: E402
+from servers import ROOT, Server, sqlite_url, start_deskgate  # noqa: E402
 
 ROUNDS = int(os.environ.get("AB_ROUNDS", "4"))
 RUN_S = float(os.environ.get("AB_RUN_S", "4"))
 SESSIONS = int(os.environ.get("AB_SESSIONS", "20"))
+MODE = os.environ.get("AB_MODE", "throughput")
 
 
 def main(pairs: list[str]) -> None:
@@ -31,6 +35,9 @@ def main(pairs: list[str]) -> None:
             name, _, source = pair.partition("=")
             servers.append(warm(start_deskgate(name, workdir, sqlite_url(workdir, name),
                                                source=Path(source))))
+        if MODE == "big":
+            big_rounds(servers)
+            return
         rates: dict[str, list[float]] = {s.name: [] for s in servers}
         cpu: dict[str, list[float]] = {s.name: [] for s in servers}
         for rnd in range(ROUNDS):
@@ -49,6 +56,20 @@ def main(pairs: list[str]) -> None:
         for server in servers:
             server.stop()
 
+
+def big_rounds(servers: list[Server]) -> None:
+    alone: dict[str, list[float]] = {s.name: [] for s in servers}
+    with_big: dict[str, list[float]] = {s.name: [] for s in servers}
+    for rnd in range(ROUNDS):
+        for server in servers if rnd % 2 == 0 else servers[::-1]:
+            result = big_mails(server, BIG, 10, 3)
+            alone[server.name].append(result["baseline"]["small_p99_ms"])
+            with_big[server.name].append(result["with_big"]["small_p99_ms"])
+    for server in servers:
+        a, w = statistics.median(alone[server.name]), statistics.median(with_big[server.name])
+        print(f"{server.name:<24} small-mail p99 alone {a:6.1f} ms, with {BIG} big {w:6.1f} ms "
+              f"(x{w / a:.1f}); rounds with big "
+              f"{' '.join(f'{v:.0f}' for v in with_big[server.name])}")
 
 
 if __name__ == "__main__":

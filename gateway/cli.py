@@ -26,10 +26,10 @@ from gateway.settings import Settings, find_config, load_settings
 from gateway.tickets import actions
 from gateway.tickets.lifecycle import Status
 from gateway.tickets.sla_config import PRIORITIES
-from store import queries
+from store import blobs, queries
 from store.engine import Store
 from store.migrate import upgrade
-from store.models import Quarantine, Raw
+from store.models import Quarantine
 
 EX_NOUSER = 67  # sysexits.h: the MTA bounces the mail for this recipient
 EX_TEMPFAIL = 75  # sysexits.h: the MTA keeps the mail and retries
@@ -196,15 +196,15 @@ async def cmd_quarantine(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         async with store.read() as session:
             entry = await queries.quarantine_entry(session, args.id)
-            raw = await session.get(Raw, entry.raw_sha256)
-            assert raw is not None
+            raw = await blobs.read_raw(session, entry.raw_sha256)
+            assert raw is not None  # a foreign key
         if args.action == "show":
             if args.raw:
-                sys.stdout.buffer.write(raw.content)
+                sys.stdout.buffer.write(raw)
             else:
-                print_json(queries.quarantine_view(entry) | {"size": raw.size})
+                print_json(queries.quarantine_view(entry) | {"size": len(raw)})
             return 0
-        return await _reprocess(settings, store, entry, raw.content)
+        return await _reprocess(settings, store, entry, raw)
 
     return await _with_store(settings, work)
 

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.settings import Settings
-from store import repo
+from store import blobs, repo
 from store.engine import Store
 from store.models import Department, Ticket
 from store.queries import overdue
@@ -33,6 +33,7 @@ class TickReport:
     escalated: list[int] = field(default_factory=list)
     warned: list[int] = field(default_factory=list)
     auto_closed: list[int] = field(default_factory=list)
+    orphan_values: int = 0  # big values whose pieces no mail came back for (store/blobs.py)
 
 
 def _breach(ticket: Ticket, now: datetime) -> dict[str, Any]:
@@ -56,9 +57,10 @@ class Scheduler:
             await asyncio.sleep(self.tick_s)
             try:
                 report = await self.tick()
-                if report.escalated or report.warned or report.auto_closed:
+                if report.escalated or report.warned or report.auto_closed or \
+                        report.orphan_values:
                     log.info("scheduler.tick", escalated=report.escalated, warned=report.warned,
-                             auto_closed=report.auto_closed)
+                             auto_closed=report.auto_closed, orphan_values=report.orphan_values)
             except SQLAlchemyError as exc:  # the store is down: try again next tick
                 log.warning("scheduler.store_unavailable", error=type(exc).__name__)
 
@@ -73,6 +75,7 @@ class Scheduler:
                                                   department.sla.escalation_warning_min, now)
                 report.auto_closed += await self._auto_close(
                     session, department.slug, department.sla.auto_close_waiting_days, now)
+        report.orphan_values = await blobs.drop_orphans(self.store, now)
         return report
 
     async def _claim(self, session: AsyncSession, ticket: Ticket, condition: Any,

@@ -189,6 +189,7 @@ class Store:
                                            expire_on_commit=False)
         # SQLite has one writer; queueing writers here is cheaper than its busy loop.
         self._writers = WriterQueue(_lock_file_of(url)) if self.is_sqlite else None
+        self._checkpoint_due = asyncio.Event()
 
     @asynccontextmanager
     async def transaction(self, batch: bool = False) -> AsyncIterator[AsyncSession]:
@@ -213,10 +214,21 @@ class Store:
             cursor = await driver.execute("PRAGMA wal_checkpoint(PASSIVE)")
             await cursor.close()
 
+    def checkpoint_soon(self) -> None:
+        """Much was written to the WAL (a piece of a big value: store/blobs.py): copy it out
+        now, not at the next tick. A burst of big mails wrote 40 MB within one tick, and the
+        commit crossing wal_autocheckpoint then ran the checkpoint itself, holding the write
+        lock 50-55 ms while small mails waited."""
+        self._checkpoint_due.set()
+
     async def checkpoints(self, every_s: float = CHECKPOINT_EVERY_S) -> None:
         """SQLite's WAL checkpoints, off the writers' path, until cancelled."""
         while True:
-            await asyncio.sleep(every_s)
+            try:
+                await asyncio.wait_for(self._checkpoint_due.wait(), every_s)
+            except TimeoutError:
+                pass
+            self._checkpoint_due.clear()
             try:
                 await self.checkpoint()
             except Exception as exc:  # noqa: BLE001 — the autocheckpoint mark still holds

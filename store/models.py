@@ -147,13 +147,27 @@ class Ticket(Base):
 
 
 class Raw(Base):
-    """Every received mail verbatim, content-addressed by sha256."""
+    """Every received mail verbatim, content-addressed by sha256. A big mail's bytes are in
+    `parts` pieces (BlobPart) and `content` is empty."""
 
     __tablename__ = "raws"
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     content: Mapped[bytes] = mapped_column(LargeBinary)
     size: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime]
+    parts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class BlobPart(Base):
+    """One piece of a big value (a big mail's raw bytes, a big attachment), keyed by the whole
+    value's sha256: each piece is written in a short transaction of its own, so SQLite's one
+    write lock is never held for a whole 10 MB value while small mails wait (store/blobs.py)."""
+
+    __tablename__ = "blob_parts"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(index=True)  # drop_orphans() reads it
 
 
 class Message(Base):
@@ -200,11 +214,12 @@ class Attachment(Base):
     filename: Mapped[str | None] = mapped_column(Text)
     content_type: Mapped[str] = mapped_column(String(200))
     size: Mapped[int] = mapped_column(Integer)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)  # blobs.drop_orphans()
     inline: Mapped[bool] = mapped_column(Boolean, default=False)
     content_id: Mapped[str | None] = mapped_column(String(998))
     content: Mapped[bytes | None] = mapped_column(LargeBinary)
     not_kept_reason: Mapped[str | None] = mapped_column(Text)
+    parts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # BlobPart
 
 
 class Quarantine(Base):

@@ -77,7 +77,8 @@ def _message(message: Message, attachments: list[Attachment]) -> dict[str, Any]:
             "attachments": [{"filename": a.filename, "content_type": a.content_type,
                              "size": a.size, "sha256": a.sha256, "inline": a.inline,
                              "content_id": a.content_id,
-                             "kept": a.content is not None, "not_kept_reason": a.not_kept_reason}
+                             "kept": a.content is not None or a.parts > 0,
+                             "not_kept_reason": a.not_kept_reason}
                             for a in attachments]}
 
 

@@ -185,13 +185,15 @@ async def upsert_contact(session: AsyncSession, email: str, name: str, now: date
     return int(row[0])
 
 
-async def put_raw(session: AsyncSession, sha256: str, content: bytes, now: datetime) -> None:
+async def put_raw(session: AsyncSession, sha256: str, content: bytes, now: datetime,
+                  parts: int = 0) -> None:
+    """parts: the bytes are stored already, in that many pieces (store/blobs.py)."""
     dialect = _dialect(session)
     statement = _PUT_RAW.get(dialect)
     if statement is None:
         statement = _PUT_RAW[dialect] = direct(insert_ignore(session, Raw.__table__))
-    await session.execute(statement, {"sha256": sha256, "content": content,
-                                      "size": len(content), "created_at": now})
+    await session.execute(statement, {"sha256": sha256, "content": b"" if parts else content,
+                                      "size": len(content), "created_at": now, "parts": parts})
 
 
 async def next_ticket_number(session: AsyncSession) -> int:

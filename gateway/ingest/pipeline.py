@@ -47,7 +47,7 @@ from gateway.tickets.actions import apply_status
 from gateway.tickets.assignment import pick_owner
 from gateway.tickets.lifecycle import Action, Decision, decide
 from gateway.tickets.sla import due_dates, is_open
-from store import repo
+from store import blobs, repo
 from store.engine import CommitFailed, GroupCommit, Store
 from store.models import Message, Quarantine, Ticket
 
@@ -87,8 +87,12 @@ def _unavailable(bound: Any, exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"store unavailable: {error}")
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _parse_and_hash(raw: bytes) -> tuple[ParsedMail | None, str, str | None]:
-    sha = hashlib.sha256(raw).hexdigest()
+    sha = _sha256(raw)
     try:
         return parse(raw), sha, None
     except Exception as exc:  # noqa: BLE001 — parse must never raise; if it does, quarantine
@@ -115,7 +119,10 @@ class _Context:
     # Readable view: CPU-heavy (quote parsing, language guess), so made before the
     # transaction, outside SQLite's write lock (measured: bench/README.md).
     view: Readable | None = None
-    raw_kept: bool = False  # a big mail's raw row, committed already (_keep_raw)
+    # A big mail's values committed in pieces already (_keep_in_parts): the raw bytes' count
+    # of pieces, and each parted attachment's sha256 and count, by its stored_attachments index.
+    raw_parts: int = 0
+    attachment_parts: dict[int, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,25 +214,27 @@ class Pipeline:
         bound = bound.bind(message_id=mail.message_id, department=routes[0].department,
                            rules=[h.rule for h in ctx.classification.hits])
         if len(raw) > BIG_MAIL_BYTES:  # a big mail would hold up a whole batch
-            await self._keep_raw(ctx, bound)
+            await self._keep_in_parts(ctx, bound)
             return await self._store_alone(ctx, bound)
         return await self._store_batched(ctx, bound)
 
-    async def _keep_raw(self, ctx: _Context, bound: Any) -> None:
-        """A big mail's raw bytes in a commit of their own, before the rest.
-
-        SQLite's one write lock is then held for each half in turn (10 MB of raw, then the
-        decoded attachments and rows), and small mails' commits go in between: measured, a
-        17 MB transaction held it for about 100 ms. The row is content-addressed, so what a
-        451 leaves behind is found by the sender's retry and not written twice; the ticket,
-        message and attachments still commit, or roll back, as one.
-        """
+    async def _keep_in_parts(self, ctx: _Context, bound: Any) -> None:
+        """A big mail's raw bytes, and its attachments over a piece's size, committed in
+        pieces before the rest (store/blobs.py), so SQLite's write lock is held for one piece
+        at a time and small mails' batches go in between. The mail's rows, which point at the
+        pieces, still commit or roll back as one; a 451 leaves only pieces, which the sender's
+        retry finds and does not send again."""
+        limit = self.settings.inbound.max_attachment_bytes
+        now = self.clock()
         try:
-            async with self.store.transaction() as session:
-                await repo.put_raw(session, ctx.sha256, ctx.raw, self.clock())
+            ctx.raw_parts = await blobs.keep_in_parts(self.store, ctx.sha256, ctx.raw, now)
+            for index, part in enumerate(stored_attachments(ctx.mail)):
+                if blobs.PART_BYTES < len(part.payload) <= limit:
+                    sha = await asyncio.to_thread(_sha256, part.payload)
+                    count = await blobs.keep_in_parts(self.store, sha, part.payload, now)
+                    ctx.attachment_parts[index] = (sha, count)
         except (SQLAlchemyError, OSError) as exc:
             raise _unavailable(bound, exc) from exc
-        ctx.raw_kept = True
 
     async def _store_batched(self, ctx: _Context, bound: Any) -> Verdict:
         """Group commit: this mail's writes share a transaction with concurrent mails, each
@@ -299,7 +308,7 @@ class Pipeline:
         threading, decision, now = await self._decide(session, ctx)
         if decision.action is Action.QUARANTINE:
             verdict = await self._quarantine_in(session, ctx.raw, ctx.sha256, ctx.envelope,
-                                                decision.reason, now)
+                                                decision.reason, now, ctx.raw_parts)
         else:
             verdict = await self._apply(session, ctx, threading, decision, now)
         return verdict, lambda: bound.info(
@@ -421,8 +430,7 @@ class Pipeline:
 
     async def _apply(self, session: AsyncSession, ctx: _Context, threading: ThreadDecision,
                      decision: Decision, now: datetime) -> Verdict:
-        if not ctx.raw_kept:  # else the 10 MB would go to the store a second time, for nothing
-            await repo.put_raw(session, ctx.sha256, ctx.raw, now)
+        await repo.put_raw(session, ctx.sha256, ctx.raw, now, ctx.raw_parts)
         events: list[tuple[str, dict[str, Any]]] = list(decision.events)
         if decision.action is Action.APPEND and decision.ticket is not None:
             ticket_id, number = decision.ticket.id, decision.ticket.number
@@ -444,7 +452,8 @@ class Pipeline:
                                             and ctx.plan.owner else "assignment"}))
         message_pk = await repo.insert_row(session, Message,
                                            self._message_row(ctx, ticket_id, now))
-        events.extend(await self._attachments(session, ctx.mail, message_pk))
+        events.extend(await self._attachments(session, ctx.mail, message_pk,
+                                              ctx.attachment_parts))
         if ctx.classification.hits:
             events.append(("rules", {"kind": ctx.classification.kind.value, "hits": [
                 {"rule": h.rule, "reason": h.reason} for h in ctx.classification.hits]}))
@@ -531,19 +540,22 @@ class Pipeline:
             rule_hits=[{"rule": h.rule, "reason": h.reason} for h in ctx.classification.hits],
             defects=list(mail.defects)[:50])
 
-    async def _attachments(self, session: AsyncSession, mail: ParsedMail, message_id: int
+    async def _attachments(self, session: AsyncSession, mail: ParsedMail, message_id: int,
+                           parted: dict[int, tuple[str, int]]
                            ) -> list[tuple[str, dict[str, Any]]]:
         limit = self.settings.inbound.max_attachment_bytes
         rows, events = [], []
-        for part in stored_attachments(mail):  # winmail.dat contents follow it (issue 12)
+        # winmail.dat contents follow it (issue 12)
+        for index, part in enumerate(stored_attachments(mail)):
             too_big = len(part.payload) > limit
             reason = f"larger than the {limit} byte attachment limit; kept in the raw mail" \
                 if too_big else None
+            sha, parts = parted.get(index) or (_sha256(part.payload), 0)
             rows.append({"message_id": message_id, "filename": part.filename,
                          "content_type": part.content_type, "size": len(part.payload),
-                         "sha256": hashlib.sha256(part.payload).hexdigest(),
-                         "inline": part.inline, "content_id": part.content_id,
-                         "content": None if too_big else part.payload, "not_kept_reason": reason})
+                         "sha256": sha, "inline": part.inline, "content_id": part.content_id,
+                         "content": None if too_big or parts else part.payload,
+                         "not_kept_reason": reason, "parts": parts})
             if too_big:
                 events.append(("attachment_not_kept", {"filename": part.filename,
                                                        "size": len(part.payload),
@@ -563,10 +575,11 @@ class Pipeline:
         return verdict
 
     async def _quarantine_in(self, session: AsyncSession, raw: bytes, sha: str,
-                             envelope: Envelope, reason: str, now: datetime) -> Verdict:
+                             envelope: Envelope, reason: str, now: datetime,
+                             raw_parts: int = 0) -> Verdict:
         if await repo.find_quarantined(session, sha) is not None:
             return Verdict(Outcome.DUPLICATE, reason=f"already quarantined: {reason}")
-        await repo.put_raw(session, sha, raw, now)
+        await repo.put_raw(session, sha, raw, now, raw_parts)
         await repo.add(session, Quarantine(
             raw_sha256=sha, reason=reason[:2000], envelope_from=envelope.mail_from,
             envelope_to=list(envelope.rcpt_tos), peer=envelope.peer, channel=envelope.channel,

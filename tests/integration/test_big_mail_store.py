@@ -1,25 +1,34 @@
-"""A big mail's raw bytes and attachment are stored exactly on both stores (on SQLite its
-statements leave the loop's thread: store/sqlite_inline.py); the same mail again adds
-nothing."""
+"""A big mail's raw bytes and attachment are stored exactly on both stores, in pieces each
+committed on its own (store/blobs.py; on SQLite their statements leave the loop's thread:
+store/sqlite_inline.py); the same mail again adds nothing; small mails commit between the
+pieces; pieces no mail came back for are dropped after a day, and no others."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import delete, func, select
 
 from gateway.ingest.model import Envelope
 from gateway.ingest.pipeline import Outcome
-from store.models import Attachment, Raw
+from store import blobs, repo
+from store.engine import Store
+from store.models import Attachment, BlobPart, Raw
+
+ENVELOPE = Envelope(mail_from="jess@example.org", rcpt_tos=("support@example.test",),
+                    peer="127.0.0.1:1", channel="smtp")
 
 
-def _big_mail(payload: bytes) -> bytes:
+def _big_mail(payload: bytes, message_id: str = "big.blob@example.org") -> bytes:
     encoded = base64.encodebytes(payload).replace(b"\n", b"\r\n")
     return (b"From: Jess <jess@example.org>\r\nTo: support@example.test\r\n"
-            b"Subject: The logs\r\nMessage-ID: <big.blob@example.org>\r\n"
+            b"Subject: The logs\r\nMessage-ID: <" + message_id.encode() + b">\r\n"
             b"Date: Mon, 23 Nov 2026 10:00:00 +0000\r\nMIME-Version: 1.0\r\n"
             b"Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\n"
             b"Content-Type: text/plain\r\n\r\nLogs attached.\r\n--b\r\n"
@@ -28,22 +37,117 @@ def _big_mail(payload: bytes) -> bytes:
             + encoded + b"--b--\r\n")
 
 
-async def test_a_big_mail_is_stored_exactly_once_on_both_stores(make_gateway: Any) -> None:
+async def _gateway(make_gateway: Any) -> Any:
     gw = await make_gateway()
     settings = gw.pipeline.settings
     gw.pipeline.settings = replace(settings, inbound=replace(settings.inbound,
-                                                             max_attachment_bytes=10 * 2**20))
+                                                             max_attachment_bytes=20 * 2**20))
+    return gw
+
+
+async def _pieces(gw: Any) -> int:
+    async with gw.store.read() as session:
+        return int(await session.scalar(select(func.count()).select_from(BlobPart)))
+
+
+async def test_a_big_mail_is_stored_exactly_once_on_both_stores(make_gateway: Any) -> None:
+    gw = await _gateway(make_gateway)
     payload = bytes(range(256)) * 9_000 + b"tail"  # 2.3 MB, not a multiple of a piece
     raw = _big_mail(payload)
-    envelope = Envelope(mail_from="jess@example.org", rcpt_tos=("support@example.test",),
-                        peer="127.0.0.1:1", channel="smtp")
-    first = await gw.pipeline.ingest(raw, envelope)
-    again = await gw.pipeline.ingest(raw, envelope)
+    first = await gw.pipeline.ingest(raw, ENVELOPE)
+    again = await gw.pipeline.ingest(raw, ENVELOPE)
     async with gw.store.read() as session:
-        stored = await session.scalar(select(Raw.content).where(
-            Raw.sha256 == hashlib.sha256(raw).hexdigest()))
+        row = await session.get(Raw, hashlib.sha256(raw).hexdigest())
+        stored = await blobs.read_raw(session, hashlib.sha256(raw).hexdigest())
         raws = await session.scalar(select(func.count()).select_from(Raw))
-        files = (await session.execute(select(Attachment.filename, Attachment.content))).all()
+        files = list(await session.scalars(select(Attachment)))
+        kept = [(a.filename, await blobs.read_attachment(session, a)) for a in files]
     assert (first.outcome, again.outcome) == (Outcome.STORED, Outcome.DUPLICATE)
-    assert bytes(stored) == raw and raws == 1
-    assert [(name, bytes(content)) for name, content in files] == [("logs.bin", payload)]
+    assert stored == raw and raws == 1
+    assert row is not None and row.parts == blobs.count_parts(len(raw)) == 4
+    assert (row.content, row.size) == (b"", len(raw))
+    assert kept == [("logs.bin", payload)]
+    assert files[0].parts == 3 and files[0].content is None
+    assert await _pieces(gw) == 4 + 3  # the redelivery wrote none
+
+
+async def test_small_mails_commit_between_the_pieces_of_a_big_one(make_gateway: Any) -> None:
+    """SQLite has one write lock: a small mail that arrives while a big one is stored waits
+    for one piece, not for the whole value (on PostgreSQL nothing waits at all)."""
+    gw = await _gateway(make_gateway)
+    raw = _big_mail(bytes(range(256)) * 24_000)  # a 6 MB attachment: 9 + 6 pieces
+    total = blobs.count_parts(len(raw)) + blobs.count_parts(256 * 24_000)
+    big = asyncio.create_task(gw.pipeline.ingest(raw, ENVELOPE))
+    while not await _pieces(gw):
+        await asyncio.sleep(0.001)
+    small = await gw.pipeline.ingest(
+        b"From: ann@example.org\r\nTo: support@example.test\r\nSubject: Quick one\r\n"
+        b"Message-ID: <small@example.org>\r\n\r\nHello.\r\n", ENVELOPE)
+    stored_then = await _pieces(gw)
+    assert small.outcome is Outcome.STORED and not big.done()
+    assert stored_then < total
+    assert (await big).outcome is Outcome.STORED
+    assert await _pieces(gw) == total
+
+
+async def test_pieces_nobody_claimed_are_dropped_after_a_day(make_gateway: Any) -> None:
+    gw = await _gateway(make_gateway)
+    now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+    old = now - blobs.ORPHAN_AGE - timedelta(minutes=1)
+    value = bytes(range(256)) * 5_000  # 1.3 MB: two pieces each
+    sha = {name: hashlib.sha256(name.encode() + value).hexdigest()
+           for name in ("orphan", "claimed", "fresh", "retried")}
+    for name in ("orphan", "claimed", "retried"):
+        assert await blobs.keep_in_parts(gw.store, sha[name], name.encode() + value, old) == 2
+    await blobs.keep_in_parts(gw.store, sha["fresh"], b"fresh" + value, now)
+    async with gw.store.transaction() as session:  # the mail that came back for its pieces
+        await repo.put_raw(session, sha["claimed"], b"claimed" + value, old, parts=2)
+    # A redelivery an hour before the sweep reuses the old pieces: they count as fresh.
+    await blobs.keep_in_parts(gw.store, sha["retried"], b"retried" + value,
+                              now - timedelta(hours=1))
+    assert await blobs.drop_orphans(gw.store, now) == 1
+    async with gw.store.read() as session:
+        left = set(await session.scalars(select(BlobPart.sha256)))
+        claimed = await blobs.read_raw(session, sha["claimed"])
+    assert left == {sha["claimed"], sha["fresh"], sha["retried"]}
+    assert claimed == b"claimed" + value
+    assert await blobs.drop_orphans(gw.store, now) == 0
+
+
+async def test_a_missing_piece_is_named_not_papered_over(make_gateway: Any) -> None:
+    gw = await _gateway(make_gateway)
+    raw = _big_mail(bytes(range(256)) * 9_000)
+    sha = hashlib.sha256(raw).hexdigest()
+    await gw.pipeline.ingest(raw, ENVELOPE)
+    async with gw.store.transaction() as session:
+        await session.execute(delete(BlobPart).where(BlobPart.sha256 == sha, BlobPart.seq == 1))
+    async with gw.store.read() as session:
+        with pytest.raises(blobs.MissingParts, match=r"only 3 of its 4 pieces"):
+            await blobs.read_raw(session, sha)
+
+
+async def test_each_piece_calls_the_checkpointer_at_once(sqlite_url: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of pieces must not wait for the next tick to leave the WAL: the commit that
+    crosses wal_autocheckpoint would then copy it out itself, holding the write lock."""
+    store = Store(sqlite_url)
+    calls: list[float] = []
+    real = store.checkpoint
+
+    async def counted() -> None:
+        calls.append(asyncio.get_running_loop().time())
+        await real()
+
+    monkeypatch.setattr(store, "checkpoint", counted)
+    ticking = asyncio.create_task(store.checkpoints(every_s=3600))
+    try:
+        now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+        await blobs.keep_in_parts(store, "a" * 64, bytes(3 * blobs.PART_BYTES), now)
+        for _ in range(500):
+            if calls:
+                break
+            await asyncio.sleep(0.01)
+        assert calls
+    finally:
+        ticking.cancel()
+        await store.dispose()

@@ -17,9 +17,9 @@ from sqlalchemy.exc import IntegrityError
 from gateway.ingest import offload
 from gateway.ingest.offload import BIG_MAIL_BYTES
 from gateway.replies import R250_DUPLICATE
-from store import repo
+from store import blobs, repo
 from store.engine import GroupCommit, Store, WriterQueue
-from store.models import Attachment, Contact, Event, Message, Raw, Ticket
+from store.models import Attachment, BlobPart, Contact, Event, Message, Raw, Ticket
 from tests.faults import commit_fails, mail_fails
 from tests.mailbuild import Reply, make_mail, send
 
@@ -274,29 +274,32 @@ async def test_a_big_mail_is_parsed_in_another_process_and_stored_beside_a_batch
     assert await _count(gw, Message, Message.direction == "in") == 7
 
 
-async def test_a_big_mails_raw_bytes_commit_first_and_its_retry_after_a_451_stores_it_once(
+async def test_a_big_mails_pieces_commit_first_and_its_retry_after_a_451_reuses_them(
         make_gateway: Any) -> None:
-    """The raw bytes of a big mail have a commit of their own (SQLite's write lock is held
-    for each half in turn): when the rest then fails, the sender gets 451, nothing else of
-    the mail is there, and its retry adds the rest beside the same raw row."""
+    """The raw bytes of a big mail go to the store in pieces, each its own commit, before the
+    rest (SQLite's write lock is held for one piece at a time: store/blobs.py): when the rest
+    then fails, the sender gets 451 and only the pieces are there; its retry adds the rest,
+    pointing at the same pieces."""
     gw = await _gateway(make_gateway)
     _, big = _big_mail("Big and unlucky")
     async with mail_fails(gw.store, "Big and unlucky"):
         failed = await send(gw.inbound_port, big)
     assert (failed.code, failed.stage) == (451, "data")
-    assert await _count(gw, Raw) == 1
-    for model in (Ticket, Message, Attachment, Contact):
+    pieces = await _count(gw, BlobPart)
+    assert pieces == blobs.count_parts(len(big))
+    for model in (Raw, Ticket, Message, Attachment, Contact):
         assert await _count(gw, model) == 0, model.__tablename__
     stored = await send(gw.inbound_port, big)
     assert (stored.code, stored.stage) == (250, "data")
     assert [await _count(gw, model) for model in (Raw, Ticket, Attachment)] == [1] * 3
+    assert await _count(gw, BlobPart) == pieces
     assert await _count(gw, Message, Message.direction == "in") == 1
     async with gw.store.read() as session:
         message_raw = await session.scalar(select(Message.raw_sha256)
                                            .where(Message.direction == "in"))
-        raw = await session.get(Raw, message_raw)
-    assert raw is not None and hashlib.sha256(raw.content).hexdigest() == message_raw
-    assert raw.content.endswith(b"--b--\r\n") and raw.size == len(raw.content)
+        raw = await blobs.read_raw(session, message_raw)
+    assert raw is not None and hashlib.sha256(raw).hexdigest() == message_raw
+    assert raw.endswith(b"--b--\r\n")
 
 
 async def test_sqlite_writers_take_turns_between_batches_and_other_transactions() -> None:
