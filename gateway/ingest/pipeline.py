@@ -160,6 +160,7 @@ class Incoming:
     routes: tuple[Route, ...]
     classification: Classification
     now: datetime
+    raw_parts: int = 0  # the raw bytes are stored already, in pieces (store/blobs.py)
 
 
 # Mail meant for deskgate itself (a DSN to a VERP address, an address verification): a hook
@@ -299,7 +300,7 @@ class Pipeline:
             return (Verdict(Outcome.DUPLICATE, duplicate[1], "already stored"),
                     lambda: bound.info("ingest.duplicate", ticket=duplicate[1]))
         incoming = Incoming(ctx.raw, ctx.sha256, ctx.mail, ctx.envelope, tuple(ctx.routes),
-                            ctx.classification, self.clock())
+                            ctx.classification, self.clock(), ctx.raw_parts)
         for intercept in self.intercepts:
             if (consumed := await intercept(session, incoming)) is not None:
                 return consumed, lambda: bound.info("ingest.consumed",

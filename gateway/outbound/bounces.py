@@ -38,7 +38,7 @@ async def record_bounce(session: AsyncSession, incoming: Incoming) -> Verdict | 
         return Verdict(Outcome.DUPLICATE, reason="bounce already recorded")
     record = bounce_record(analyse_bounce(incoming.mail, incoming.raw), incoming.sha256,
                            incoming.now.isoformat())
-    await repo.put_raw(session, incoming.sha256, incoming.raw, incoming.now)
+    await repo.put_raw(session, incoming.sha256, incoming.raw, incoming.now, incoming.raw_parts)
     row.bounce = record
     if record["permanent"]:
         row.state = "bounced"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from tests.conftest import settings_text
 from tests.mailbuild import make_mail
@@ -165,3 +168,29 @@ def test_reports(config: Path) -> None:
     bad = deskgate(config, "report", "csat", "--since", "yesterday")
     assert (bad.returncode, bad.stderr.strip()) == (
         1, "deskgate: --since 'yesterday': write a date like 2026-11-01")
+
+
+def test_a_big_quarantined_mail_is_shown_and_reprocessed_whole_from_its_pieces(
+        config: Path, sqlite_url: str) -> None:
+    """Over 256 KiB the raw bytes are stored in 1 MiB pieces (store/blobs.py): `show --raw`
+    and `reprocess` put them back together."""
+    log = b"".join(b"line %06d of the returned mail's log\r\n" % i for i in range(40_000))
+    bounce = (b"From: MAILER-DAEMON@mx.example.org\r\nTo: support@example.test\r\n"
+              b"Subject: Undelivered Mail Returned to Sender\r\nMessage-ID: <dsn2@mx>\r\n"
+              b"In-Reply-To: <big-orig@example.org>\r\n\r\nThe mail could not be delivered.\r\n"
+              + log)
+    assert len(bounce) > 1.5 * 2**20
+    deskgate(config, "deliver", "--recipient", "support@example.test", stdin=bounce)
+    entry = json.loads(deskgate(config, "quarantine", "list", "--json").stdout)[0]
+    with closing(sqlite3.connect(make_url(sqlite_url).database)) as db:
+        assert db.execute("SELECT parts, length(content) FROM raws").fetchall() == [(2, 0)]
+    raw = subprocess.run([sys.executable, "-m", "gateway.cli", "--config", str(config),
+                          "quarantine", "show", str(entry["id"]), "--raw"],
+                         capture_output=True, check=True).stdout
+    assert raw == bounce
+    shown = json.loads(deskgate(config, "quarantine", "show", str(entry["id"])).stdout)
+    assert shown["size"] == len(bounce)
+    deskgate(config, "deliver", "--recipient", "support@example.test",
+             stdin=make_mail(message_id="<big-orig@example.org>"))
+    released = deskgate(config, "quarantine", "reprocess", str(entry["id"]))
+    assert released.returncode == 0, released.stdout + released.stderr
