@@ -22,6 +22,7 @@ from store.models import Department, Ticket
 from store.queries import overdue
 
 log = structlog.get_logger("deskgate.scheduler")
+ORPHAN_SWEEP_EVERY = timedelta(hours=1)
 
 # Called inside the claiming transaction with (session, ticket_id, what, data): the outbound
 # side queues escalation, warning and rating mails here, atomically with the change.
@@ -51,6 +52,7 @@ class Scheduler:
         self.clock = clock
         self.tick_s = tick_s
         self.hooks: list[TimeHook] = []
+        self._swept_at: datetime | None = None  # blobs.drop_orphans()
 
     async def run(self) -> None:
         while True:
@@ -75,7 +77,12 @@ class Scheduler:
                                                   department.sla.escalation_warning_min, now)
                 report.auto_closed += await self._auto_close(
                     session, department.slug, department.sla.auto_close_waiting_days, now)
-        report.orphan_values = await blobs.drop_orphans(self.store, now)
+        if self._swept_at is None or now - self._swept_at >= ORPHAN_SWEEP_EVERY:
+            self._swept_at = now
+            try:
+                report.orphan_values = await blobs.drop_orphans(self.store, now)
+            except SQLAlchemyError as exc:  # the tick's own changes are committed: report them
+                log.warning("scheduler.orphan_sweep_failed", error=type(exc).__name__)
         return report
 
     async def _claim(self, session: AsyncSession, ticket: Ticket, condition: Any,

@@ -4,9 +4,9 @@ PART_BYTES pieces, each in a short transaction of its own, before the mail's own
 SQLite has one write lock. Written in one transaction, a 10 MB value held it for 30–90 ms
 (bench/run.py's big-mail phase), and every small mail's batch waited behind it; in pieces, a
 batch waits for one piece at most, because WriterQueue's lanes take turns. The row pointing
-at the pieces (raws.parts, attachments.parts) commits with the mail, so until then the
-pieces belong to nothing: a redelivery finds and reuses them (they are keyed by the whole
-value's sha256), and drop_orphans() removes those nobody came back for.
+at the pieces (raws.parts, attachments.parts) commits with the mail; until then a BlobValue
+row marks the pieces as nobody's yet. A redelivery finds and reuses them (they are keyed by
+the whole value's sha256), and drop_orphans() removes those nobody came back for.
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, select, update
+from sqlalchemy import delete, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from gateway.errors import DeskgateError
 from store.engine import Store
-from store.models import Attachment, BlobPart, Raw
+from store.models import Attachment, BlobPart, BlobValue, Raw
 from store.repo import insert_ignore
 
 PART_BYTES = 1 << 20
-# A piece unclaimed this long belongs to a delivery its sender gave up (MTAs retry for 5 days
-# at most by default, but each retry refreshes the pieces it reuses: keep_in_parts).
+# A value unclaimed this long belongs to a delivery its sender gave up (MTAs retry for 5 days
+# at most by default, but each retry marks the value fresh again: keep_in_parts).
 ORPHAN_AGE = timedelta(days=1)
 
 
@@ -37,15 +37,18 @@ def count_parts(size: int) -> int:
 
 
 async def keep_in_parts(store: Store, sha256: str, content: bytes, now: datetime) -> int:
-    """Commit `content` as pieces, one transaction each; returns how many. Pieces already
-    stored (an earlier delivery of the same bytes) are not sent again, only marked fresh, so
-    drop_orphans() cannot take them before the mail that now needs them commits."""
+    """Commit `content` as pieces, one transaction each; returns how many. The value is
+    marked fresh first (BlobValue), so drop_orphans() cannot take pieces an earlier delivery
+    of the same bytes left, which are then not sent again."""
     count = count_parts(len(content))
     async with store.transaction() as session:
-        refreshed = await session.execute(
-            update(BlobPart).where(BlobPart.sha256 == sha256).values(created_at=now)
-            .returning(BlobPart.seq))
-        have = set(refreshed.scalars())
+        marked = await session.execute(update(BlobValue).where(BlobValue.sha256 == sha256)
+                                       .values(created_at=now))
+        if not marked.rowcount:  # type: ignore[attr-defined]
+            await session.execute(insert_ignore(session, BlobValue.__table__),
+                                  {"sha256": sha256, "created_at": now})
+        # The primary key's index holds seq: no piece's content is read.
+        have = set(await session.scalars(select(BlobPart.seq).where(BlobPart.sha256 == sha256)))
     statement = None
     for seq in range(count):
         if seq in have:
@@ -54,53 +57,63 @@ async def keep_in_parts(store: Store, sha256: str, content: bytes, now: datetime
             statement = statement if statement is not None else \
                 insert_ignore(session, BlobPart.__table__)
             await session.execute(statement, {
-                "sha256": sha256, "seq": seq, "created_at": now,
+                "sha256": sha256, "seq": seq,
                 "content": content[seq * PART_BYTES:(seq + 1) * PART_BYTES]})
         store.checkpoint_soon()
     return count
 
 
-async def joined(session: AsyncSession, sha256: str, parts: int) -> bytes:
+async def joined(session: AsyncSession, sha256: str, parts: int, size: int) -> bytes:
     pieces = (await session.execute(select(BlobPart.seq, BlobPart.content).where(
         BlobPart.sha256 == sha256).order_by(BlobPart.seq))).all()
-    if [seq for seq, _ in pieces] != list(range(parts)):
-        raise MissingParts(f"value {sha256}: only {len(pieces)} of its {parts} pieces are "
-                           "stored (blob_parts)")
-    return b"".join(bytes(content) for _, content in pieces)
+    value = b"".join(bytes(content) for _, content in pieces)
+    if [seq for seq, _ in pieces] != list(range(parts)) or len(value) != size:
+        raise MissingParts(f"value {sha256}: {len(pieces)} pieces of {len(value)} bytes "
+                           f"stored where {parts} of {size} bytes were (blob_parts)")
+    return value
 
 
 async def read_raw(session: AsyncSession, sha256: str) -> bytes | None:
     """A received mail's bytes, wherever they are kept; None when there is no such mail."""
-    row = (await session.execute(select(Raw.content, Raw.parts).where(
+    row = (await session.execute(select(Raw.content, Raw.parts, Raw.size).where(
         Raw.sha256 == sha256))).first()
     if row is None:
         return None
-    return await joined(session, sha256, row.parts) if row.parts else bytes(row.content)
+    return await joined(session, sha256, row.parts, row.size) if row.parts \
+        else bytes(row.content)
 
 
 async def read_attachment(session: AsyncSession, attachment: Attachment) -> bytes | None:
     """An attachment's bytes; None when it was not kept (not_kept_reason says why)."""
     if attachment.parts:
-        return await joined(session, attachment.sha256, attachment.parts)
+        return await joined(session, attachment.sha256, attachment.parts, attachment.size)
     return None if attachment.content is None else bytes(attachment.content)
 
 
-def _unclaimed(before: datetime) -> Any:
-    return and_(BlobPart.created_at < before,
-                ~exists().where(Raw.sha256 == BlobPart.sha256, Raw.parts > 0),
-                ~exists().where(Attachment.sha256 == BlobPart.sha256, Attachment.parts > 0))
+def _claimed(sha256: Any) -> Any:
+    return or_(exists().where(Raw.sha256 == sha256, Raw.parts > 0),
+               exists().where(Attachment.sha256 == sha256, Attachment.parts > 0))
 
 
-async def drop_orphans(store: Store, now: datetime, limit: int = 100) -> int:
-    """Delete pieces older than ORPHAN_AGE that no raw mail or attachment points at; returns
-    how many values lost their pieces. The candidates are found outside the write lock."""
+async def drop_orphans(store: Store, now: datetime, limit: int = 20) -> int:
+    """Delete the pieces of values unclaimed for ORPHAN_AGE; returns how many values lost
+    theirs. One value a transaction, each locked first: a redelivery marking it fresh
+    meanwhile (keep_in_parts) waits for it, or makes it keep its pieces."""
     before = now - ORPHAN_AGE
     async with store.read() as session:
         candidates = list(await session.scalars(
-            select(BlobPart.sha256).where(_unclaimed(before)).distinct().limit(limit)))
-    if not candidates:
-        return 0
-    async with store.transaction() as session:  # checked again: a mail may have claimed one
-        await session.execute(delete(BlobPart).where(BlobPart.sha256.in_(candidates),
-                                                     _unclaimed(before)))
-    return len(candidates)
+            select(BlobValue.sha256).where(BlobValue.created_at < before).limit(limit)))
+    dropped = 0
+    for sha256 in candidates:
+        async with store.transaction() as session:
+            old = await session.scalar(select(BlobValue.sha256).where(
+                BlobValue.sha256 == sha256, BlobValue.created_at < before).with_for_update())
+            if old is None:
+                continue
+            await session.execute(delete(BlobValue).where(BlobValue.sha256 == sha256))
+            if await session.scalar(select(_claimed(sha256))):
+                continue  # another mail with the same bytes points at them
+            await session.execute(delete(BlobPart).where(BlobPart.sha256 == sha256))
+            dropped += 1
+        store.checkpoint_soon()
+    return dropped

@@ -158,6 +158,17 @@ class Raw(Base):
     parts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
+class BlobValue(Base):
+    """A big value whose pieces are stored but that no row points at yet: a mail in flight,
+    or one whose sender gave up after a 451. The row that claims the pieces deletes this one
+    in the mail's own transaction, so the table stays small and blobs.drop_orphans() reads
+    only it."""
+
+    __tablename__ = "blob_values"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class BlobPart(Base):
     """One piece of a big value (a big mail's raw bytes, a big attachment), keyed by the whole
     value's sha256: each piece is written in a short transaction of its own, so SQLite's one
@@ -167,7 +178,6 @@ class BlobPart(Base):
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     content: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(index=True)  # drop_orphans() reads it
 
 
 class Message(Base):

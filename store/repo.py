@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, text, update
+from sqlalchemy import bindparam, delete, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,6 +20,7 @@ from store.models import (
     Agent,
     AgentDepartment,
     Attachment,
+    BlobValue,
     Contact,
     Department,
     Event,
@@ -67,6 +68,8 @@ _INSERT_TICKET = {  # the number as next_ticket_number gives it, inside the INSE
 }
 _INSERT_EVENTS = direct(insert(Event.__table__))
 _INSERT_ATTACHMENTS = direct(insert(Attachment.__table__))
+_CLAIM_PIECES = direct(delete(BlobValue.__table__)
+                       .where(BlobValue.__table__.c.sha256 == bindparam("sha256")))
 _RETURNING_ID: dict[Any, Any] = {}
 _PUT_RAW: dict[str, Any] = {}
 
@@ -194,6 +197,13 @@ async def put_raw(session: AsyncSession, sha256: str, content: bytes, now: datet
         statement = _PUT_RAW[dialect] = direct(insert_ignore(session, Raw.__table__))
     await session.execute(statement, {"sha256": sha256, "content": b"" if parts else content,
                                       "size": len(content), "created_at": now, "parts": parts})
+    if parts:
+        await claim_pieces(session, sha256)
+
+
+async def claim_pieces(session: AsyncSession, sha256: str) -> None:
+    """A row now points at this value's pieces: they are nobody's no longer (store/blobs.py)."""
+    await session.execute(_CLAIM_PIECES, {"sha256": sha256})
 
 
 async def next_ticket_number(session: AsyncSession) -> int:
@@ -220,6 +230,9 @@ async def add_events(session: AsyncSession, ticket_id: int, now: datetime,
 async def add_attachments(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     if rows:
         await session.execute(_INSERT_ATTACHMENTS, rows)
+    for row in rows:
+        if row.get("parts"):
+            await claim_pieces(session, row["sha256"])
 
 
 async def set_ticket_status(session: AsyncSession, ticket_id: int, status: str, now: datetime
