@@ -30,7 +30,7 @@ from gateway.ingest.identify import (
     normalize_address,
     thread,
 )
-from gateway.ingest.model import Classification, Envelope, ParsedMail
+from gateway.ingest.model import AttachmentPart, Classification, Envelope, ParsedMail
 from gateway.ingest.offload import BIG_MAIL_BYTES, in_process
 from gateway.ingest.parse import parse
 from gateway.ingest.readable import (
@@ -119,8 +119,11 @@ class _Context:
     # Readable view: CPU-heavy (quote parsing, language guess), so made before the
     # transaction, outside SQLite's write lock (measured: bench/README.md).
     view: Readable | None = None
+    # The parts to store (winmail.dat contents follow it, issue 12), decoded once, outside
+    # the transaction.
+    attachments: tuple[AttachmentPart, ...] = ()
     # A big mail's values committed in pieces already (_keep_in_parts): the raw bytes' count
-    # of pieces, and each parted attachment's sha256 and count, by its stored_attachments index.
+    # of pieces, and each parted attachment's sha256 and count, by its index in attachments.
     raw_parts: int = 0
     attachment_parts: dict[int, tuple[str, int]] = field(default_factory=dict)
 
@@ -229,7 +232,7 @@ class Pipeline:
         now = self.clock()
         try:
             ctx.raw_parts = await blobs.keep_in_parts(self.store, ctx.sha256, ctx.raw, now)
-            for index, part in enumerate(stored_attachments(ctx.mail)):
+            for index, part in enumerate(ctx.attachments):
                 if blobs.PART_BYTES < len(part.payload) <= limit:
                     sha = await asyncio.to_thread(_sha256, part.payload)
                     count = await blobs.keep_in_parts(self.store, sha, part.payload, now)
@@ -282,7 +285,7 @@ class Pipeline:
             fingerprint=fingerprint(mail),
             reply_to=next(filter(None, map(normalize_address, mail.reply_to)), None),
             authenticated=auth.authenticated, auth_results=auth.header,
-            view=readable_or_plain(mail, self.cid_url),
+            view=readable_or_plain(mail, self.cid_url), attachments=stored_attachments(mail),
         )
 
     async def _store(self, ctx: _Context, bound: Any) -> Verdict:
@@ -453,8 +456,7 @@ class Pipeline:
                                             and ctx.plan.owner else "assignment"}))
         message_pk = await repo.insert_row(session, Message,
                                            self._message_row(ctx, ticket_id, now))
-        events.extend(await self._attachments(session, ctx.mail, message_pk,
-                                              ctx.attachment_parts))
+        events.extend(await self._attachments(session, ctx, message_pk))
         if ctx.classification.hits:
             events.append(("rules", {"kind": ctx.classification.kind.value, "hits": [
                 {"rule": h.rule, "reason": h.reason} for h in ctx.classification.hits]}))
@@ -541,17 +543,15 @@ class Pipeline:
             rule_hits=[{"rule": h.rule, "reason": h.reason} for h in ctx.classification.hits],
             defects=list(mail.defects)[:50])
 
-    async def _attachments(self, session: AsyncSession, mail: ParsedMail, message_id: int,
-                           parted: dict[int, tuple[str, int]]
+    async def _attachments(self, session: AsyncSession, ctx: _Context, message_id: int
                            ) -> list[tuple[str, dict[str, Any]]]:
         limit = self.settings.inbound.max_attachment_bytes
         rows, events = [], []
-        # winmail.dat contents follow it (issue 12)
-        for index, part in enumerate(stored_attachments(mail)):
+        for index, part in enumerate(ctx.attachments):
             too_big = len(part.payload) > limit
             reason = f"larger than the {limit} byte attachment limit; kept in the raw mail" \
                 if too_big else None
-            sha, parts = parted.get(index) or (_sha256(part.payload), 0)
+            sha, parts = ctx.attachment_parts.get(index) or (_sha256(part.payload), 0)
             rows.append({"message_id": message_id, "filename": part.filename,
                          "content_type": part.content_type, "size": len(part.payload),
                          "sha256": sha, "inline": part.inline, "content_id": part.content_id,
