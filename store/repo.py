@@ -195,9 +195,13 @@ async def put_raw(session: AsyncSession, sha256: str, content: bytes, now: datet
     statement = _PUT_RAW.get(dialect)
     if statement is None:
         statement = _PUT_RAW[dialect] = direct(insert_ignore(session, Raw.__table__))
-    await session.execute(statement, {"sha256": sha256, "content": b"" if parts else content,
-                                      "size": len(content), "created_at": now, "parts": parts})
-    if parts:
+    added = await session.execute(statement, {
+        "sha256": sha256, "content": b"" if parts else content, "size": len(content),
+        "created_at": now, "parts": parts})
+    # Only the row just added points at the pieces. A row already there (the same bytes,
+    # stored inline before migration 0003, or in pieces it claimed itself) leaves the value
+    # marked: drop_orphans() then drops pieces nobody points at, or keeps claimed ones.
+    if parts and added.rowcount:
         await claim_pieces(session, sha256)
 
 

@@ -139,6 +139,28 @@ async def test_pieces_nobody_claimed_are_dropped_after_a_day(make_gateway: Any) 
     assert await blobs.drop_orphans(gw.store, now) == 0
 
 
+async def test_pieces_of_bytes_already_stored_inline_are_not_claimed(make_gateway: Any
+                                                                     ) -> None:
+    """A mail stored whole before migration 0003, then sent again in pieces: the row that
+    stays is the inline one, so nothing points at the pieces and the sweep drops them."""
+    gw = await _gateway(make_gateway)
+    now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+    old = now - blobs.ORPHAN_AGE - timedelta(minutes=1)
+    raw = bytes(range(256)) * 5_000
+    sha = hashlib.sha256(raw).hexdigest()
+    async with gw.store.transaction() as session:
+        await repo.put_raw(session, sha, raw, old)  # inline, as 0002 stored it
+    assert await blobs.keep_in_parts(gw.store, sha, raw, old) == 2
+    async with gw.store.transaction() as session:
+        await repo.put_raw(session, sha, raw, old, parts=2)
+    async with gw.store.read() as session:
+        assert await session.scalar(select(BlobValue.sha256)) == sha  # still nobody's
+    assert await blobs.drop_orphans(gw.store, now) == 1
+    assert await _pieces(gw) == 0
+    async with gw.store.read() as session:
+        assert await blobs.read_raw(session, sha) == raw
+
+
 async def test_a_missing_piece_is_named_not_papered_over(make_gateway: Any) -> None:
     gw = await _gateway(make_gateway)
     raw = _big_mail(bytes(range(256)) * 9_000)
