@@ -41,7 +41,7 @@ from gateway.settings import DepartmentSettings, Settings
 from gateway.tickets.actions import change_priority, change_status
 from gateway.tickets.lifecycle import Status
 from gateway.tickets.sla import due_dates
-from store import repo
+from store import blobs, repo
 from store.engine import Store
 from store.models import Agent, AgentDepartment, Contact, Department, Message, Ticket
 
@@ -64,6 +64,7 @@ class _Mail:
     commands: ParsedCommands
     text: str  # what the customer may read: no commands, no quoted internals
     fingerprint: str
+    raw_parts: int = 0  # the raw bytes are stored already, in pieces (store/blobs.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,11 @@ class AgentPath:
                          message_id=prepared.mail.message_id)
         for attempt in range(2):
             try:
+                # A big mail's bytes go ahead in pieces, as an inbound one's (store/blobs.py);
+                # a refusal leaves them unclaimed, for the hourly sweep.
+                if len(raw) > BIG_MAIL_BYTES and not prepared.raw_parts:
+                    prepared.raw_parts = await blobs.keep_in_parts(
+                        self.store, prepared.sha256, raw, self.pipeline.clock())
                 async with self.store.transaction() as session:
                     # A refusal is decided before anything is written: nothing to undo.
                     return await self._deliver(session, agent, prepared, bound)
@@ -176,7 +182,7 @@ class AgentPath:
             bound.info("agentmail.refused", reason=decision.reason)
             return f"{R550_NOT_ALLOWED}: {decision.reason}"
         now = self.pipeline.clock()
-        await repo.put_raw(session, m.sha256, m.raw, now)
+        await repo.put_raw(session, m.sha256, m.raw, now, m.raw_parts)
         if decision.plan is Plan.NEW_TICKET:
             assert department is not None
             ticket = await self._new_ticket(session, agent, m, customers[0], department, now)

@@ -567,9 +567,12 @@ class Pipeline:
     async def _quarantine(self, raw: bytes, sha: str, envelope: Envelope, reason: str,
                           bound: Any) -> Verdict:
         try:
+            # A big unparseable mail (a MIME bomb, say) goes in pieces as a parsed one does.
+            parts = await blobs.keep_in_parts(self.store, sha, raw, self.clock()) \
+                if len(raw) > BIG_MAIL_BYTES else 0
             async with self.store.transaction() as session:
                 verdict = await self._quarantine_in(session, raw, sha, envelope, reason,
-                                                    self.clock())
+                                                    self.clock(), parts)
         except (SQLAlchemyError, OSError) as exc:  # disk full is an OSError on SQLite
             raise _unavailable(bound, exc) from exc
         bound.warning("ingest.quarantined", reason=reason)

@@ -4,6 +4,7 @@ the authenticated submission port over TLS, outgoing mail a capture relay."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import ssl
 from collections.abc import AsyncIterator
@@ -18,7 +19,8 @@ from sqlalchemy import select
 
 from gateway.agents import hash_password
 from gateway.outbound.catcher import CatchHandler, start_catcher
-from store.models import Agent, AgentDepartment, Department, Event, Message, Outbox, Ticket
+from store import blobs
+from store.models import Agent, AgentDepartment, Department, Event, Message, Outbox, Raw, Ticket
 from tests.mailbuild import make_mail, send
 
 PASSWORD = "correct horse battery"
@@ -324,6 +326,30 @@ async def test_a_resent_agent_mail_is_sent_once(desk: Any) -> None:
         assert code == 250, message
     assert len([m for m in to(await flush(gw, relay), "jess@example.org")
                 if "Only once" in text(m)]) == 1
+
+
+async def test_a_big_agent_reply_is_stored_in_pieces_and_sent(desk: Any) -> None:
+    """Over 256 KiB an agent's mail goes to the store ahead in pieces, as a customer's does
+    (store/blobs.py), and comes back whole."""
+    gw, relay = desk
+    customer_id, _ = await customer_mail(gw, relay)
+    long_text = "The full log follows, line by line.\n" + "log line 0123456789\n" * 120_000
+    raw = agent_mail("shawn@staff.test", "jess@example.org", long_text,
+                     in_reply_to=customer_id)
+    received = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")  # SMTP sends CRLF
+    assert 2 * blobs.PART_BYTES < len(received) < 3 * blobs.PART_BYTES
+    code, message = await submit(gw, "shawn@staff.test", raw, ("jess@example.org",))
+    assert code == 250, message
+    async with gw.store.read() as session:
+        sha = await session.scalar(select(Message.raw_sha256)
+                                   .where(Message.kind == "agent_reply"))
+        stored = await session.get(Raw, sha)
+        assert stored is not None and (stored.parts, stored.content) == (3, b"")
+        assert await blobs.read_raw(session, sha) == received
+    assert sha == hashlib.sha256(received).hexdigest()
+    [sent] = [m for m in to(await flush(gw, relay), "jess@example.org")
+              if "The full log follows" in text(m)]
+    assert text(sent).count("log line 0123456789") == 120_000
 
 
 async def test_reply_to_the_notification_answers_the_customer_without_our_internals(

@@ -161,6 +161,21 @@ async def test_pieces_of_bytes_already_stored_inline_are_not_claimed(make_gatewa
         assert await blobs.read_raw(session, sha) == raw
 
 
+async def test_a_big_unparseable_mail_is_quarantined_in_pieces(make_gateway: Any) -> None:
+    gw = await make_gateway()
+    raw = b"this is no mail, it has no header section\r\n" * 30_000  # 1.3 MB
+    first = await gw.pipeline.ingest(raw, ENVELOPE)
+    again = await gw.pipeline.ingest(raw, ENVELOPE)
+    assert (first.outcome, again.outcome) == (Outcome.QUARANTINED, Outcome.DUPLICATE)
+    sha = hashlib.sha256(raw).hexdigest()
+    async with gw.store.read() as session:
+        row = await session.get(Raw, sha)
+        assert row is not None and (row.parts, row.content) == (2, b"")
+        assert await blobs.read_raw(session, sha) == raw
+        assert await session.scalar(select(func.count()).select_from(BlobValue)) == 1
+    assert await _pieces(gw) == 2  # the redelivery found them; its mark waits for the sweep
+
+
 async def test_a_missing_piece_is_named_not_papered_over(make_gateway: Any) -> None:
     gw = await _gateway(make_gateway)
     raw = _big_mail(bytes(range(256)) * 9_000)
