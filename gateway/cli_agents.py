@@ -72,8 +72,7 @@ async def _invite(session: AsyncSession, settings: Settings, args: argparse.Name
                                           auto_submitted="auto-generated",
                                           language=dept.language))
     row = await queue.enqueue(session, kind="invite", from_addr=dept.addresses[0], to=email,
-                              message_id=composed.message_id, mime=composed.mime, now=now,
-                              secret=settings.tickets.reply_token_secret)
+                              message_id=composed.message_id, mime=composed.mime, now=now)
     note = f" (outbox {row.id}, {row.state})"
     return f"invited {email} as {args.profile}{note}" + (f"\n{url}" if args.print_link else "")
 

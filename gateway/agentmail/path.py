@@ -271,8 +271,8 @@ class AgentPath:
         for recipient in (customer, *cc):
             queued = await queue.enqueue(session, kind="agent_reply", from_addr=sender,
                                          to=recipient, message_id=composed.message_id,
-                                         mime=composed.mime, now=now, secret=secret,
-                                         ticket_id=ticket.id, cause_message_id=row.id)
+                                         mime=composed.mime, now=now, ticket_id=ticket.id,
+                                         cause_message_id=row.id)
             if decision.needs_approval:
                 queued.state = APPROVAL_STATE
                 queued.last_error = APPROVAL_REASON.format(id=queued.id)
@@ -462,7 +462,7 @@ class AgentPath:
             auto_submitted="auto-generated", language=dept.language))
         row = await queue.enqueue(session, kind="agent_notice", from_addr=sender, to=to.email,
                                   message_id=composed.message_id, mime=composed.mime, now=now,
-                                  secret=secret, ticket_id=ticket.id)
+                                  ticket_id=ticket.id)
         self.queued()
         return int(row.id)
 

@@ -63,8 +63,7 @@ class AlertMail:
                 # this mail exists to break.
                 await queue.enqueue(session, kind="alert", from_addr=sender, to=operator,
                                     message_id=composed.message_id, mime=composed.mime,
-                                    now=now, secret=self.settings.tickets.reply_token_secret,
-                                    exempt_from_hold=True)
+                                    now=now, exempt_from_hold=True)
         self.queued()
         log.info("imap.alert_queued", mailbox=cfg.name, to=list(operators))
         return list(operators)

@@ -137,7 +137,7 @@ class AckHook:
             rule_hits=[], defects=[]))
         row = await queue.insert(session, kind="ack", from_addr=sender, to=recipient,
                                  message_id=composed.message_id, mime=composed.mime,
-                                 now=stored.now, secret=secret, verified=verified,
+                                 now=stored.now, verified=verified,
                                  ticket_id=stored.ticket_id, cause_message_id=stored.message_pk)
         self.queued()
         log.info("ack.queued", ticket=stored.ticket_number, outbox=row.id, language=language,

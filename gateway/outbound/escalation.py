@@ -62,7 +62,6 @@ class EscalationMail:
                 language=dept.language))
             await queue.enqueue(session, kind=what, from_addr=dept.addresses[0], to=recipient,
                                 message_id=composed.message_id, mime=composed.mime, now=now,
-                                secret=self.settings.tickets.reply_token_secret,
                                 ticket_id=ticket_id)
         self.queued()
         log.info("escalation.queued", ticket=ticket.number, what=what, to=recipients)

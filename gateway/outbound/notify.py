@@ -179,8 +179,8 @@ class NotifyHook:
                 language=dept.language), message_id=message_id)
             rows.append(await queue.insert(
                 session, kind="notification", from_addr=sender, to=recipient,
-                message_id=message_id, mime=composed.mime, now=stored.now, secret=secret,
-                verified=verified, ticket_id=stored.ticket_id,
+                message_id=message_id, mime=composed.mime, now=stored.now, verified=verified,
+                ticket_id=stored.ticket_id,
                 cause_message_id=stored.message_pk))
         self.queued()
         log.info("notify.queued", ticket=ticket.number, to=list(to), message_id=message_id,

@@ -61,37 +61,29 @@ def _values(kind: str, from_addr: str, to: str, message_id: str, mime: bytes, no
 
 
 async def enqueue(session: AsyncSession, *, kind: str, from_addr: str, to: str, message_id: str,
-                  mime: bytes, now: datetime, secret: bytes, ticket_id: int | None = None,
+                  mime: bytes, now: datetime, ticket_id: int | None = None,
                   cause_message_id: int | None = None, exempt_from_hold: bool = False) -> Outbox:
-    """Adds a row; From an unverified address it waits as `held` (DESIGN 4, verification)."""
+    """Adds a row; From an unverified address it waits as `held` (DESIGN 4, verification).
+    Its VERP sender names the row's id, so claim() sets it, in the UPDATE it makes anyway."""
     held = not exempt_from_hold and not await is_verified(session, from_addr)
     row = Outbox(**_values(kind, from_addr, to, message_id, mime, now, held, ticket_id,
                            cause_message_id))
     session.add(row)
     await session.flush()
-    # The VERP sender names the row, so it can only be set once the row has its id.
-    row.envelope_from = bounce_address(from_addr.rsplit("@", 1)[1], row.id, secret)
-    await session.flush()
     return row
 
 
-_OUTBOX = Outbox.__table__
-_SET_ENVELOPE_FROM = direct(update(_OUTBOX).where(_OUTBOX.c.id == bindparam("row_id"))
-                      .values(envelope_from=bindparam("envelope_from")))
-
-
 async def insert(session: AsyncSession, *, kind: str, from_addr: str, to: str, message_id: str,
-                 mime: bytes, now: datetime, secret: bytes, verified: bool,
-                 ticket_id: int | None = None, cause_message_id: int | None = None) -> Queued:
-    """enqueue for a caller that knows whether From is verified and needs no ORM row: the
-    same row in two plain statements, for the ingest transaction's hooks (issue 10)."""
+                 mime: bytes, now: datetime, verified: bool, ticket_id: int | None = None,
+                 cause_message_id: int | None = None) -> Queued:
+    """enqueue for a caller that knows whether From is verified and needs no ORM row: one
+    plain statement, for the ingest transaction's hooks (issue 10)."""
     values = _values(kind, from_addr, to, message_id, mime, now, not verified, ticket_id,
                      cause_message_id)
-    row_id = await repo.insert_row(session, Outbox, values)
-    await session.execute(_SET_ENVELOPE_FROM, {
-        "row_id": row_id,
-        "envelope_from": bounce_address(from_addr.rsplit("@", 1)[1], row_id, secret)})
-    return Queued(row_id, values["state"])
+    return Queued(await repo.insert_row(session, Outbox, values), values["state"])
+
+
+_OUTBOX = Outbox.__table__
 
 
 def _recent_query(kind: Any, recipient: Any, since: Any) -> Any:
@@ -124,7 +116,11 @@ async def recover(session: AsyncSession, now: datetime) -> int:
     return int(result.rowcount or 0)
 
 
-async def claim(session: AsyncSession, now: datetime, lease_s: int, limit: int) -> list[Claimed]:
+async def claim(session: AsyncSession, now: datetime, lease_s: int, limit: int, secret: bytes
+                ) -> list[Claimed]:
+    """Due rows, leased to this worker. A row's VERP sender (bounces+o<id>-<mac>@domain) is
+    set by its first claim: the row's id was not known to the INSERT that made it, and an
+    UPDATE there cost every acknowledged mail a statement before its 250 (issue 10)."""
     due = or_(Outbox.state.in_(DUE_STATES),
               (Outbox.state == "sending") & (Outbox.lease_until < now))
     query = (select(Outbox).where(due, Outbox.next_attempt_at <= now)
@@ -135,6 +131,8 @@ async def claim(session: AsyncSession, now: datetime, lease_s: int, limit: int) 
     rows = list(await session.scalars(query))
     for row in rows:
         row.state, row.lease_until = "sending", now + timedelta(seconds=lease_s)
+        if not row.envelope_from:
+            row.envelope_from = bounce_address(row.from_addr.rsplit("@", 1)[1], row.id, secret)
     await session.flush()
     return [Claimed(r.id, r.ticket_id, r.kind, r.envelope_from, tuple(r.envelope_to),
                     r.from_addr, r.message_id, r.mime, r.attempts, r.internal_errors,

@@ -101,8 +101,7 @@ class RatingMail:
             envelope_to=[recipient], channel="outbox", rule_hits=[], defects=[]))
         row = await queue.enqueue(session, kind="rating_request", from_addr=sender,
                                   to=recipient, message_id=composed.message_id,
-                                  mime=composed.mime, now=now, secret=secret,
-                                  ticket_id=ticket.id)
+                                  mime=composed.mime, now=now, ticket_id=ticket.id)
         self.queued()
         log.info("rating.queued", ticket=ticket.number, outbox=row.id, language=language)
         return [("rating_queued", {"outbox": row.id, "language": language})]

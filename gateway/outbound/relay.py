@@ -70,8 +70,9 @@ class RelayWorker:
     """Claim → sign → send → settle. `run_until_idle()` is the burst mode tests drive."""
 
     def __init__(self, store: Store, outbound: OutboundSettings, relay: Relay, signer: Signer,
-                 hostname: str, clock: Callable[[], datetime]) -> None:
+                 hostname: str, clock: Callable[[], datetime], bounce_secret: bytes) -> None:
         self.store, self.outbound, self.relay = store, outbound, relay
+        self.bounce_secret = bounce_secret  # keys the VERP senders (addresses.bounce_address)
         self.signer, self.hostname, self.clock = signer, hostname, clock
         box = outbound.outbox
         self.policy = RetryPolicy(box.backoff_base_s, box.backoff_max_s, box.lifetime_s)
@@ -124,7 +125,7 @@ class RelayWorker:
         while not self._stopping.is_set():
             async with self.store.transaction() as session:
                 rows = await queue.claim(session, self.clock(), self.outbound.outbox.lease_s,
-                                         self.outbound.outbox.batch)
+                                         self.outbound.outbox.batch, self.bounce_secret)
             if not rows:
                 return total
             total += len(rows)

@@ -83,7 +83,8 @@ class Outbound:
                                                relay.host, relay.port)
             log.info("catch.ready", listen=str(relay), dir=str(Path(dev.dir) / "caught"))
         self.worker = RelayWorker(self.store, self.settings.outbound, self.relay,
-                                  make_signer(self.settings), self.settings.hostname, self.clock)
+                                  make_signer(self.settings), self.settings.hostname, self.clock,
+                                  self.settings.tickets.reply_token_secret)
         if self.settings.outbound.outbox.worker:
             self.worker.start()
 

@@ -73,7 +73,6 @@ async def start(session: AsyncSession, settings: Settings, renderer: Renderer, e
         auto_submitted="auto-generated", language=language, extra_headers=((HEADER, code),)))
     outbox = await queue.enqueue(session, kind="verification", from_addr=email, to=email,
                                  message_id=composed.message_id, mime=composed.mime, now=now,
-                                 secret=settings.tickets.reply_token_secret,
                                  exempt_from_hold=True)
     log.info("verify.sent", address=email, outbox=outbox.id)
     return int(outbox.id)

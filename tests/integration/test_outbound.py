@@ -12,9 +12,9 @@ from typing import Any
 
 import dkim
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from gateway.ingest.addresses import reply_address
+from gateway.ingest.addresses import bounce_address, reply_address
 from gateway.ingest.offload import BIG_MAIL_BYTES
 from gateway.outbound import queue, relay, verify
 from gateway.outbound.catcher import DISCONNECT, CatchHandler, start_catcher
@@ -211,9 +211,32 @@ async def test_ack_in_the_customers_language_threads_and_stops_robots(outbound: 
     assert str(msg["From"]) == "Support <support@example.test>"
     assert (msg["Auto-Submitted"], msg["X-Auto-Response-Suppress"]) == ("auto-replied", "All")
     assert caught.rcpt_tos == ("jess@example.org",)
-    assert caught.mail_from.startswith("bounces+o") and caught.mail_from.endswith(
-        "@example.test")
+    async with setup.gateway.store.read() as session:
+        row = await session.scalar(select(Outbox).where(Outbox.kind == "ack"))
+    assert row is not None
+    assert caught.mail_from == row.envelope_from == bounce_address("example.test", row.id,
+                                                                   SECRET.encode())
     assert "ack_queued" in [t for t, _ in await setup.events(number)]
+
+
+async def test_the_verp_sender_is_set_by_the_first_claim_and_kept(outbound: Any) -> None:
+    """The INSERT cannot know the row's id: the first claim sets the sender, and a retry
+    sends from the same one, so a late bounce of the first attempt still finds its row."""
+    setup = await outbound()
+    store, now = setup.gateway.store, setup.clock()
+    async with store.transaction() as session:
+        queued = await queue.insert(session, kind="ack", from_addr="Support@Example.test",
+                                    to="jess@example.org", message_id="m1@example.test",
+                                    mime=b"MIME", now=now, verified=True)
+    async with store.read() as session:
+        assert (await session.get(Outbox, queued.id)).envelope_from == ""  # type: ignore
+    async with store.transaction() as session:
+        [first] = await queue.claim(session, now, 60, 10, b"k1" * 16)
+        await session.execute(update(Outbox).values(state="retry"))
+    async with store.transaction() as session:
+        [again] = await queue.claim(session, now, 60, 10, b"k2" * 16)
+    assert first.envelope_from == again.envelope_from == bounce_address(
+        "example.test", queued.id, b"k1" * 16)
 
 
 async def test_ack_falls_back_to_the_departments_language(outbound: Any) -> None:
@@ -321,7 +344,7 @@ async def test_a_big_mail_is_signed_in_the_parser_process(outbound: Any, tmp_pat
     async with setup.gateway.store.transaction() as session:
         await queue.enqueue(session, kind="reply", from_addr="support@example.test",
                             to="jess@example.org", message_id="big@deskgate.test", mime=big,
-                            now=setup.clock(), secret=SECRET.encode(), exempt_from_hold=True)
+                            now=setup.clock(), exempt_from_hold=True)
     await setup.drain()
     record = (tmp_path / "dkim" / "example.test.dev.txt").read_text().strip().encode()
     [caught] = setup.relay.caught

@@ -58,7 +58,7 @@ async def _scenario(session: Any) -> list[Any]:
     out.append(await repo.ticket_ref(session, ticket[1]))
     queued = await queue.insert(session, kind="ack", from_addr="support@example.test",
                                 to="ann@customer.example", message_id="a1@example.test",
-                                mime=b"MIME", now=NOW, secret=b"k" * 32, verified=False,
+                                mime=b"MIME", now=NOW, verified=False,
                                 ticket_id=ticket[0], cause_message_id=message)
     out.append(queued)
     out.append(await queue.recent_and_verified(session, "ack", "ann@customer.example",
