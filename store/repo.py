@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -171,11 +171,14 @@ async def is_participant(session: AsyncSession, ticket_id: int, email: str) -> b
 
 
 async def upsert_contact(session: AsyncSession, email: str, name: str, now: datetime,
-                         account_id: int | None = None) -> int:
+                         account_of_new: Callable[[], Awaitable[int | None]] | None = None
+                         ) -> int:
     """The contact's id, made if new (insert-or-ignore: instances may race); a name fills an
-    empty one. A known contact, the common case, costs one SELECT; a new one an INSERT."""
+    empty one. A known contact, the common case, costs one SELECT; a new one an INSERT, and
+    whatever account_of_new() costs to find (or make) its company: only a new one asks."""
     row = (await session.execute(_CONTACT_BY_EMAIL, {"email": email})).first()
     if row is None:
+        account_id = await account_of_new() if account_of_new is not None else None
         added = (await session.execute(insert_ignore(session, Contact).values(
             email=email, name=name, created_at=now, account_id=account_id)
             .returning(Contact.id, Contact.name))).first()

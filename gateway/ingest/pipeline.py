@@ -488,8 +488,10 @@ class Pipeline:
                                     ctx.mail.subject)
         department = self.departments[plan.department]
         slug = department.slug
-        contact_id = await repo.upsert_contact(session, ctx.sender, ctx.mail.from_name[:200], now,
-                                               await self._account_id(session, ctx.sender, now))
+        sender = ctx.sender
+        contact_id = await repo.upsert_contact(
+            session, sender, ctx.mail.from_name[:200], now,
+            account_of_new=lambda: self._account_id(session, sender, now))
         due = due_dates(now, department.sla.targets.get(plan.priority), department.sla.hours)
         department_id = self.department_ids.get(slug) or await repo.department_id(session, slug)
         owner_id = await self._owner(session, plan, department)

@@ -7,6 +7,7 @@ import itertools
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
@@ -14,7 +15,7 @@ from sqlalchemy import func, select
 from gateway.ingest.model import Envelope
 from gateway.ingest.pipeline import Pipeline
 from gateway.settings import parse_settings
-from store import queries
+from store import queries, repo
 from store.engine import Store
 from store.models import Account, Contact, Outbox, Quarantine, Ticket
 from tests.conftest import settings_text
@@ -79,6 +80,29 @@ async def test_mail_from_a_paying_account_goes_to_its_department_with_high_prior
     assert (row.tags, row.custom_fields, account) == (["vip"], {"tier": "gold"}, "BigCorp")
     assert any(e["type"] == "rules_fired" and e["data"]["rules"] == ["paying-account"]
                for e in ticket["events"])
+
+
+async def test_only_a_new_contact_asks_for_its_company(make_gateway: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The account lookup by domain serves a new contact's row alone: a known sender's next
+    ticket skips it (one statement fewer before the 250), and links nothing anew."""
+    gw = await make_gateway()
+    asked: list[str] = []
+    real = repo.account_for_domain
+
+    async def recording(session: Any, domain: str) -> Any:
+        asked.append(domain)
+        return await real(session, domain)
+
+    monkeypatch.setattr(repo, "account_for_domain", recording)
+    for subject in ("First question", "Second question"):
+        mail = make_mail(subject=subject, sender="ann@acme.example")
+        assert (await send(gw.inbound_port, mail, mail_from="ann@acme.example")).code == 250
+    async with gw.store.read() as session:
+        account = await session.scalar(select(Account.name).join(
+            Contact, Contact.account_id == Account.id).where(Contact.email == "ann@acme.example"))
+        tickets = await session.scalar(select(func.count()).select_from(Ticket))
+    assert (asked, account, tickets) == (["acme.example"], "acme.example", 2)
 
 
 async def test_a_quarantine_rule_keeps_the_mail_and_sends_nothing(make_gateway: Any,
