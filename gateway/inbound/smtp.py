@@ -50,6 +50,9 @@ _LIBRARY_REPLIES = {
 _LIMIT_OF_REPLY = {R500_LINE_TOO_LONG: "line_length"}
 
 
+_FAST_GETADDR = is_checked(SMTP._getaddr)
+
+
 class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with our wording for the replies it makes on its own."""
 
@@ -64,11 +67,16 @@ class GatewaySMTP(SMTP):
         # most of a session's set-up cost (bench/README.md). The names are fixed per class.
         return _protocol_names(type(self))
 
-    if is_checked(SMTP._getaddr):
-        def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-            # aiosmtpd's parses every MAIL and RCPT with email's header parser and defines a
-            # class per call; plain <local@domain> needs neither (smtp_address.py).
-            return getaddr(arg, self.local_part_limit)
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd's parses every MAIL and RCPT with email's header parser and defines a class
+        # per call; plain <local@domain> needs neither (smtp_address.py).
+        try:
+            return getaddr(arg, self.local_part_limit) if _FAST_GETADDR else \
+                super()._getaddr(arg)
+        except IndexError:
+            # That parser raises on a few malformed paths ("<", '<"', "<@"); uncaught, aiosmtpd
+            # answered 451 (try again later) to what can never parse. Malformed, like the rest.
+            return None, None
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):

@@ -145,6 +145,22 @@ async def test_relay_attempt_is_refused(make_gateway: Any) -> None:
     assert reply.message.startswith("5.7.1")
 
 
+async def test_a_path_that_cannot_parse_is_malformed_not_a_temporary_failure(
+        make_gateway: Any) -> None:
+    """A 4xx would have the sender retry, for days, what can never parse."""
+    from tests.integration.test_smtp_limits import Line
+
+    gw = await make_gateway()
+    line, _ = await Line.open(gw.inbound_port)
+    assert (await line.command("EHLO client.example")).startswith("250")
+    replies = [await line.command(f"MAIL FROM:{arg}") for arg in ("<", '<"', "<@")]
+    assert (await line.command("MAIL FROM:<jess@example.org>")).startswith("250")
+    replies += [await line.command(f"RCPT TO:{arg}") for arg in ("<", '<"', "<@")]
+    assert (await line.command("RCPT TO:<support@example.test>")).startswith("250")
+    await line.aclose()
+    assert replies == ["553 5.1.3 Error: malformed address"] * 6
+
+
 async def test_announced_size_over_limit_is_refused_at_mail(make_gateway: Any) -> None:
     gw = await make_gateway()
     reply = await send(gw.inbound_port, make_mail(), mail_options=("SIZE=5000000",))

@@ -158,6 +158,13 @@ def test_gateway_uses_the_fast_path_for_the_checked_aiosmtpd() -> None:
     assert GatewaySMTP._getaddr(server, "<abcde@e.f>") == (None, None)
 
 
+@pytest.mark.parametrize("arg", ["<", '<"', "<@", '"'])
+def test_what_aiosmtpds_parser_raises_on_is_malformed_for_the_gateway(arg: str) -> None:
+    """Raised, it became 451 (try again later) for a path that will never parse."""
+    assert _library(arg, 0)[0] is IndexError
+    assert GatewaySMTP._getaddr(SimpleNamespace(local_part_limit=0), arg) == (None, None)
+
+
 def test_another_getaddr_is_not_taken_for_the_checked_one() -> None:
     def _getaddr(self: Any, arg: str) -> tuple[str | None, str | None]:
         return None, None
