@@ -261,11 +261,16 @@ def _address(r: _Reader, value: Any, dotted: str) -> str | None:
         r.fail(dotted, f"must be an e-mail address, not {value!r}")
         return None
     try:
-        return validate_email(value, check_deliverability=False, test_environment=True,
-                              globally_deliverable=False).normalized.lower()
+        # Our addresses go into headers we write (From, To) and SMTP envelopes without
+        # SMTPUTF8: a domain is kept in its ASCII form (IDNA A-label), a local part must be
+        # ASCII. Otherwise composing the first acknowledgement raised, and every mail to that
+        # address got 451 4.3.0 for as long as its sender retried.
+        valid = validate_email(value, check_deliverability=False, test_environment=True,
+                               globally_deliverable=False, allow_smtputf8=False)
     except EmailNotValidError as exc:
-        r.fail(dotted, f"{value!r} is not an e-mail address: {exc}")
+        r.fail(dotted, f"{value!r} is not an e-mail address deskgate can send from: {exc}")
         return None
+    return str(valid.ascii_email or valid.normalized).lower()
 
 
 def _department(r: _Reader, table: dict[str, Any], index: int) -> DepartmentSettings:

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from email_validator import EmailNotValidError, validate_email
+
 _TOKEN = re.compile(r"^t(\d{1,12})-([a-z2-7]{10})$")
 _BOUNCE_TOKEN = re.compile(r"^o(\d{1,15})-([a-z2-7]{10})$")
 BOUNCE_LOCAL = "bounces"  # VERP envelope sender: bounces+<token>@domain names an outbox row
@@ -86,8 +88,22 @@ def parse_bounce_token(token: str, secret: bytes) -> int | None:
     return row if hmac.compare_digest(match.group(2), _mac(secret, row, "bounce")) else None
 
 
+def _ascii_domain(address: str) -> str:
+    """local@<A-label domain>: a client speaking SMTPUTF8 may name our domain in Unicode,
+    and our addresses are kept in ASCII (settings)."""
+    try:
+        valid = validate_email(address, check_deliverability=False, test_environment=True,
+                               globally_deliverable=False, allow_smtputf8=True,
+                               allow_quoted_local=True)
+    except EmailNotValidError:
+        return address
+    return f"{valid.local_part}@{valid.ascii_domain}".lower()
+
+
 def route_recipient(recipient: str, directory: Directory) -> Route:
     address = recipient.strip().strip("<>").lower()
+    if not address.isascii():
+        address = _ascii_domain(address)
     local, at, domain = address.rpartition("@")
     if not at or not local:
         return Route(RouteKind.UNKNOWN, address)

@@ -131,6 +131,39 @@ async def test_reply_long_after_close_opens_a_linked_follow_up(make_gateway: Any
     assert follow_up["status"] == "open"
 
 
+async def test_an_idn_department_address_takes_mail_and_acknowledges_it(sqlite_url: str
+                                                                        ) -> None:
+    """Configured in Unicode, kept as an A-label: the acknowledgement's From is ASCII (it
+    raised before, and every mail to the address got 451 while its sender retried)."""
+    from gateway.ingest.model import Envelope
+    from gateway.ingest.pipeline import Outcome
+    from gateway.service import Gateway
+    from gateway.settings import parse_settings
+    from store.models import Address, Outbox
+    from tests.conftest import settings_text
+
+    text = settings_text(sqlite_url).replace('"support@example.test"', '"support@exämple.test"')
+    gw = Gateway(parse_settings(text, "t.toml"))
+    await gw.start(port=0)
+    try:
+        async with gw.store.transaction() as session:
+            address = await session.scalar(select(Address).where(
+                Address.email == "support@xn--exmple-cua.test"))
+            assert address is not None
+            address.verification_state = "verified"
+        verdict = await gw.pipeline.ingest(
+            make_mail(to="support@xn--exmple-cua.test"),
+            Envelope(mail_from="jess@example.org", rcpt_tos=("support@exämple.test",),
+                     peer="127.0.0.1:1", channel="smtp"))
+        async with gw.store.read() as session:
+            ack = await session.scalar(select(Outbox).where(Outbox.kind == "ack"))
+    finally:
+        await gw.stop(drain_timeout_s=5)
+    assert verdict.outcome is Outcome.STORED
+    assert ack is not None and ack.from_addr == "support@xn--exmple-cua.test"
+    assert b"<support@xn--exmple-cua.test>" in ack.mime.split(b"\r\n\r\n", 1)[0]
+
+
 async def test_unknown_recipient_is_refused_at_rcpt(make_gateway: Any) -> None:
     gw = await make_gateway()
     reply = await send(gw.inbound_port, make_mail(), rcpts=("nobody@example.test",))

@@ -21,6 +21,17 @@ def test_our_address_routes_to_its_department() -> None:
     assert (route.kind, route.department) == (RouteKind.DEPARTMENT, "support")
 
 
+def test_our_idn_domain_routes_in_unicode_too() -> None:
+    """SMTPUTF8 clients may name the domain in Unicode; our addresses are kept as A-labels."""
+    directory = Directory.from_departments({"support": ("support@xn--exmple-cua.test",)},
+                                           SECRET)
+    for recipient in ("<support@exämple.test>", "support@xn--exmple-cua.test"):
+        route = route_recipient(recipient, directory)
+        assert (route.kind, route.address, route.department) == (
+            RouteKind.DEPARTMENT, "support@xn--exmple-cua.test", "support")
+    assert route_recipient("sales@exämple.test", directory).kind is RouteKind.UNKNOWN
+
+
 def test_unknown_local_part_in_our_domain_is_unknown() -> None:
     assert route_recipient("sales@example.test", DIRECTORY).kind is RouteKind.UNKNOWN
 

@@ -42,6 +42,20 @@ def test_wrong_type_and_bad_address_are_both_reported() -> None:
     assert "departments[1].addresses[0]: 'not-an-address' is not an e-mail address" in joined
 
 
+def test_an_idn_address_is_kept_ascii_and_a_unicode_local_part_is_refused() -> None:
+    text = settings_text("sqlite+aiosqlite:///x.db")
+    idn = parse_settings(text.replace('"billing@example.test"', '"Billing@Exämple.test"'), "t")
+    assert idn.departments[1].addresses == ("billing@xn--exmple-cua.test",)
+    text = text.replace('"billing@example.test"', '"bïlling@example.test"')
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(text, "t")
+    [problem] = caught.value.problems
+    assert problem.split(": ", 1)[1] == (
+        "departments[1].addresses[0]: 'bïlling@example.test' is not an e-mail address "
+        "deskgate can send from: Internationalized characters before the @-sign are not "
+        "supported: 'ï'.")
+
+
 def test_address_owned_twice_is_refused() -> None:
     text = settings_text("sqlite+aiosqlite:///x.db").replace('"billing@example.test"',
                                                              '"support@example.test"')
