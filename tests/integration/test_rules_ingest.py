@@ -84,8 +84,9 @@ async def test_mail_from_a_paying_account_goes_to_its_department_with_high_prior
 
 async def test_only_a_new_contact_asks_for_its_company(make_gateway: Any,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """The account lookup by domain serves a new contact's row alone: a known sender's next
-    ticket skips it (one statement fewer before the 250), and links nothing anew."""
+    """The account lookup by domain serves a new contact's row alone: the first mail makes
+    the contact with its company, the known sender's next ticket skips the lookup (one
+    statement fewer before the 250)."""
     gw = await make_gateway()
     asked: list[str] = []
     real = repo.account_for_domain
