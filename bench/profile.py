@@ -2,11 +2,13 @@
 sampled by py-spy; prints the top entries (bench/profile_top.py).
 
 Usage: python bench/profile.py [SECONDS] [sqlite|postgres]   (py-spy is not a project
-dependency: .venv/bin/pip install py-spy). The raw profile stays in var/bench/.
+dependency: .venv/bin/pip install py-spy). PROFILE_KB=100 loads with 100 KB mails (default
+5). The raw profile stays in var/bench/.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_top import main as top  # noqa: E402
 from run import smtp_source_for, warm  # noqa: E402
 from servers import ROOT, pg_create, pg_drop, sqlite_url, start_deskgate  # noqa: E402
+
+SIZE = int(os.environ.get("PROFILE_KB", "5")) * 1024  # the load's mail size
 
 
 def main(seconds: float, store: str) -> None:
@@ -34,7 +38,7 @@ def main(seconds: float, store: str) -> None:
     server = warm(start_deskgate(f"profile-{store}", workdir, url))
     try:
         load = threading.Thread(target=smtp_source_for,
-                                args=(server.port, 20, 5 * 1024, seconds + 1))
+                                args=(server.port, 20, SIZE, seconds + 1))
         load.start()
         subprocess.run([spy, "record", "-r", "250", "-f", "raw", "-d", str(int(seconds)),
                         "-o", str(out), "--pid", str(server.process.pid)],

@@ -112,12 +112,33 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None,
     return state, _unstuff(data)
 
 
+# How many dots _has_stuffed_line looks at one by one before one scan for "\r\n." instead.
+DOT_PROBES = 64
+
+
+def _has_stuffed_line(data: bytearray) -> bool:
+    """Whether a line of data (which starts with CRLF) starts with a dot.
+
+    A lone "." is found by memchr at memory speed; the search for "\r\n." steps through the
+    mail a few bytes at a time (8 ms for 10 MB here, on the loop, per big mail). A big mail is
+    mostly base64, which has no dots: its few header dots are checked one by one. Prose has
+    a dot every line or so: past DOT_PROBES of them, the one search is cheaper.
+    """
+    find = data.find
+    dot = find(b".")
+    for _ in range(DOT_PROBES):
+        if dot < 0:
+            return False
+        if dot >= 2 and data[dot - 2:dot] == b"\r\n":
+            return True
+        dot = find(b".", dot + 1)
+    return b"\r\n." in data
+
+
 def _unstuff(data: bytearray) -> bytes:
     """Drop the leading dot of every line (RFC 5321 4.5.2; aiosmtpd drops any leading dot),
     then DATA's own CRLF; at most two copies of a big mail exist at any time."""
-    # A lone "." is found by memchr at memory speed; "\r\n." is matched from every CR, ten
-    # times slower. Base64 has no dots at all, so a big attachment skips the second search.
-    if b"." in data and b"\r\n." in data:
+    if _has_stuffed_line(data):
         unstuffed = data.replace(b"\r\n.", b"\r\n")
         data.clear()
         data = unstuffed

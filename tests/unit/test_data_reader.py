@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.inbound import data_reader
 from gateway.inbound.data_reader import DataState, _Lines, read_data
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit, CRLF included
@@ -139,3 +141,25 @@ def test_longest_line_tracking_is_exact_for_any_limit_and_split(body: list[bytes
     if unfinished.endswith(b"\r") and len(unfinished) == longest:
         longest -= 1
     assert lines.over == (longest > limit)
+
+
+def test_a_stuffed_line_is_found_among_dots_that_are_not_at_a_line_start() -> None:
+    # Dots inside lines are checked one by one up to DOT_PROBES, then one search takes over:
+    # the line starting with a dot must be found on either side of that bound.
+    for before in (0, 1, data_reader.DOT_PROBES - 1, data_reader.DOT_PROBES,
+                   data_reader.DOT_PROBES + 5):
+        mail = b"Subject: a.b\r\n\r\n" + b"x.y\r\n" * before + b"..z\r\nend.\r\n"
+        state, content, _ = run(mail + b".\r\n", [7])
+        assert (state, content) == (DataState.NOMINAL, mail.replace(b"\r\n..", b"\r\n.")), before
+    assert not data_reader._has_stuffed_line(bytearray(b"\r\nno. dots. at. starts.\r\n"))
+    assert data_reader._has_stuffed_line(bytearray(b"\r\n.first line\r\n"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.lists(_pieces, max_size=40), probes=st.integers(0, 3))
+def test_stuffed_lines_are_found_whatever_the_probe_bound(body: list[bytes], probes: int
+                                                          ) -> None:
+    data = bytearray(b"\r\n" + b"".join(body))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data_reader, "DOT_PROBES", probes)
+        assert data_reader._has_stuffed_line(data) == (b"\r\n." in data)
