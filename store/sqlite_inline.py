@@ -6,8 +6,9 @@ wake-up, a trip back through the event loop's self-pipe and two GIL hand-overs. 
 cost more than the work: a profile under load had the loop waiting in aiosqlite's queue put
 for 22% of its time. Here a statement runs on the calling thread, inside the coroutine that
 SQLAlchemy awaits, except what can wait or take long, which still goes to a thread:
-ROLLBACK, checkpoints, statements carrying more than 64 KiB of values (a big mail's blobs),
-a BEGIN that would wait for another writer, and a COMMIT that would take long.
+ROLLBACK of an open transaction, checkpoints, statements carrying more than 64 KiB of values
+(a big mail's blobs), a BEGIN that would wait for another writer, and a COMMIT that would take
+long.
 
 BEGIN IMMEDIATE is tried on the loop without waiting (busy timeout 0): this process's
 writers already queue in WriterQueue and other deskgate processes on its lock file, so the
@@ -205,6 +206,11 @@ class Connection:
 
     async def rollback(self) -> None:
         self.big_values = False
+        if not self._running and not self._conn.in_transaction:
+            # SQLAlchemy's pool rolls back every connection it gets back, after each COMMIT
+            # too: with no transaction open that is nothing to do, and a thread hop for it
+            # kept the write lock (WriterQueue) held until the loop came round to it again.
+            return
         await self.in_thread(self._conn.rollback)
 
     async def create_function(self, *args: Any, **kwargs: Any) -> None:

@@ -154,3 +154,36 @@ def test_closing_while_a_thread_still_runs_a_statement_waits_for_it(tmp_path: Pa
 
     open_meanwhile, closed = asyncio.run(run())
     assert open_meanwhile and closed
+
+
+def test_a_rollback_with_no_transaction_open_is_not_sent_to_a_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool rolls back each connection it gets back, after a COMMIT too; an open
+    transaction is still rolled back (in a thread)."""
+    monkeypatch.setattr(sqlite_inline, "INLINE_COMMIT_S", 60.0)
+
+    async def run() -> tuple[list[tuple[str, bool]], list[tuple[int]], int]:
+        connection, seen = await _traced(tmp_path / "r.sqlite3")
+        hops = 0
+        real = connection.in_thread
+
+        async def counted(function: Any, *args: Any) -> Any:
+            nonlocal hops
+            hops += 1
+            return await real(function, *args)
+
+        connection.in_thread = counted
+        await connection.execute("BEGIN IMMEDIATE")
+        await connection.execute("INSERT INTO t VALUES (?)", (1,))
+        await connection.commit()
+        await connection.rollback()  # after a COMMIT, as the pool does: nothing open
+        await connection.execute("BEGIN IMMEDIATE")
+        await connection.execute("INSERT INTO t VALUES (?)", (2,))
+        await connection.rollback()  # open: undone
+        rows = await (await connection.execute("SELECT a FROM t")).fetchall()
+        await connection.close()
+        return seen, rows, hops
+
+    seen, rows, hops = asyncio.run(run())
+    assert rows == [(1,)]
+    assert hops == 1 and _thread_of(seen, "ROLLBACK") == [False]
