@@ -105,14 +105,18 @@ def one_run(server: Server, sessions: int, size: int) -> dict[str, Any]:
                              stdout=subprocess.PIPE, text=True)
     time.sleep(0.3)
     server.reset_peak()
-    cpu0 = server.cpu_s()
+    cpu0, busy0 = server.cpu_s(), cpu_busy()
     count, elapsed = smtp_source_for(server.port, sessions, size, RUN_S)
-    cpu = server.cpu_s() - cpu0
+    cpu, busy1 = server.cpu_s() - cpu0, cpu_busy()
     probe.send_signal(signal.SIGTERM)
     out, _ = probe.communicate(timeout=120)
     latency = json.loads(out)
     handled = count + len(latency["latencies_s"])
+    # How busy the whole machine was (all CPUs, the load tool and PostgreSQL included): a
+    # variant near 100 % has no core left for a second worker process to use.
+    machine = 100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1])
     return {"mails_s": count / elapsed, "cpu_s_per_1000": 1000 * cpu / handled,
+            "machine_busy_pct": machine,
             "peak_rss_mib": server.peak_rss_mib(), "latencies_s": latency["latencies_s"],
             "probe_codes": latency["codes"]}
 
@@ -143,6 +147,7 @@ def matrix(servers: list[Server]) -> list[dict[str, Any]]:
                    "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99),
                    "latency_samples": len(lat),
                    "cpu_s_per_1000": statistics.median(r["cpu_s_per_1000"] for r in rs),
+                   "machine_busy_pct": statistics.median(r["machine_busy_pct"] for r in rs),
                    "peak_rss_mib": max(r["peak_rss_mib"] for r in rs),
                    "probe_codes": [r["probe_codes"] for r in rs]}
             rows.append(row)
@@ -151,14 +156,15 @@ def matrix(servers: list[Server]) -> list[dict[str, Any]]:
 
 
 HEADER = (f"{'variant':<18}{'sess':>5}{'size':>6}{'mails/s':>9}{'rounds':>14}{'ratio':>7}"
-          f"{'p50 ms':>8}{'p99 ms':>8}{'n':>5}{'cpu s/1k':>9}{'RSS MiB':>9}")
+          f"{'p50 ms':>8}{'p99 ms':>8}{'n':>5}{'cpu s/1k':>9}{'RSS MiB':>9}{'box %':>7}")
 
 
 def print_row(row: dict[str, Any]) -> None:
     rounds = "/".join(f"{x:.0f}" for x in row["mails_s_rounds"])
     print(f"{row['variant']:<18}{row['sessions']:>5}{row['size_kb']:>5}K{row['mails_s']:>9.0f}"
           f"{rounds:>14}{row['ratio']:>7.2f}{row['p50_ms']:>8.1f}{row['p99_ms']:>8.1f}"
-          f"{row['latency_samples']:>5}{row['cpu_s_per_1000']:>9.2f}{row['peak_rss_mib']:>9.1f}",
+          f"{row['latency_samples']:>5}{row['cpu_s_per_1000']:>9.2f}{row['peak_rss_mib']:>9.1f}"
+          f"{row['machine_busy_pct']:>7.0f}",
           flush=True)
 
 
