@@ -144,20 +144,12 @@ async def _run(url: str, mails: int, tasks: int, profile: bool) -> dict[str, Any
 
 
 async def _one(backend: str, mails: int, tasks: int, profile: bool) -> dict[str, Any]:
-    from servers import pg_create, pg_drop
+    from servers import scratch_database
 
     (ROOT / "var").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=ROOT / "var") as workdir:
-        name = ""
-        if backend == "postgres":
-            name, url = pg_create("deskgate_ingest_cost")
-        else:
-            url = f"sqlite+aiosqlite:///{workdir}/ingest.sqlite3"
-        try:
-            return await _run(url, mails, tasks, profile)
-        finally:
-            if name:
-                pg_drop(name)
+    with tempfile.TemporaryDirectory(dir=ROOT / "var") as workdir, \
+            scratch_database(backend, Path(workdir), "ingest_cost") as url:
+        return await _run(url, mails, tasks, profile)
 
 
 def _line(label: str, r: dict[str, Any]) -> str:

@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,6 +241,20 @@ def pg_create(prefix: str) -> tuple[str, str]:
 
 def pg_drop(name: str) -> None:
     psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def scratch_database(backend: str, workdir: Path, name: str) -> Iterator[str]:
+    """A fresh store's URL for one measurement: a SQLite file in workdir, or a PostgreSQL
+    database dropped afterwards."""
+    if backend != "postgres":
+        yield sqlite_url(workdir, name)
+        return
+    database, url = pg_create(f"deskgate_{name}")
+    try:
+        yield url
+    finally:
+        pg_drop(database)
 
 
 def stored_counts(url: str) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from probe import Connection, mail  # noqa: E402
-from servers import ROOT, migrated_gateway, pg_create, pg_drop  # noqa: E402
+from servers import ROOT, migrated_gateway, scratch_database  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 
 from store import direct  # noqa: E402
@@ -67,16 +67,8 @@ async def measure(url: str, mails: int, sessions: int, max_batch: int) -> dict[s
 async def main(mails: int, sessions: int, backend: str) -> None:
     with tempfile.TemporaryDirectory(dir=ROOT / "var") as workdir:
         for label, max_batch in (("group commit", 64), ("batches of one mail", 1)):
-            name = ""
-            if backend == "postgres":
-                name, url = pg_create("deskgate_statements")
-            else:
-                url = f"sqlite+aiosqlite:///{workdir}/{max_batch}.sqlite3"
-            try:
+            with scratch_database(backend, Path(workdir), f"statements{max_batch}") as url:
                 result = await measure(url, mails, sessions, max_batch)
-            finally:
-                if name:
-                    pg_drop(name)
             print(f"{backend} {label:<26} {mails} mails, {sessions} sessions: "
                   f"{result['statements_per_mail']:.1f} statements/mail, "
                   f"{result['commits_per_mail']:.3f} commits/mail "
