@@ -21,7 +21,7 @@ from gateway.inbound.imap_history import HistoryHook
 from gateway.inbound.limits import RateLimiter
 from gateway.inbound.smtp import InboundHandler, start_inbound
 from gateway.ingest.pipeline import Pipeline
-from gateway.memory import return_big_buffers
+from gateway.memory import freeze_startup_objects, return_big_buffers
 from gateway.outbound.escalation import EscalationMail
 from gateway.outbound.rating import RatingMail
 from gateway.outbound.service import Outbound
@@ -230,6 +230,7 @@ async def serve(settings: Settings, reuse_port: bool = False) -> None:
     except BaseException:
         await gateway.store.dispose()
         raise
+    freeze_startup_objects()
     await daemon.run()
 
 

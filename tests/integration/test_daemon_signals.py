@@ -51,9 +51,11 @@ async def daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     started: list[Daemon] = []
 
     async def factory(db_url: str, extra_top: str = "", env: dict[str, str] | None = None,
-                      ) -> tuple[Daemon, int]:
+                      log_level: str = "warning") -> tuple[Daemon, int]:
         port = free_port()
         config = write_config(tmp_path / f"deskgate{len(started)}.toml", db_url, port, extra_top)
+        config.write_text(config.read_text().replace(
+            'log_level = "warning"', f'log_level = "{log_level}"'))
         process = Daemon(config, tmp_path / f"deskgate{len(started)}.log", env)
         started.append(process)
         await process.start()
@@ -99,9 +101,10 @@ class RawSession:
 
 async def test_notify_sends_ready_status_watchdog_then_stopping(daemon: Any,
                                                                 sqlite_url: str) -> None:
-    process, _ = await daemon(sqlite_url, env={"WATCHDOG_USEC": "200000"})
+    process, _ = await daemon(sqlite_url, env={"WATCHDOG_USEC": "200000"}, log_level="info")
     ready = process.notify.messages[-1]
     assert ready["READY"] == "1" and ready["STATUS"] == "0 mails today"
+    assert '"event": "memory.frozen"' in process.log  # start-up objects out of the gc's way
     await process.expect("WATCHDOG", "1", timeout_s=5)
     await process.expect("WATCHDOG", "1", timeout_s=5)  # keeps pinging at half the interval
     process.signal(signal.SIGTERM)
