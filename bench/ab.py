@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import BIG, big_mails, smtp_source_for, warm  # noqa: E402
+from run import BIG, BIG_MIB, big_mails, smtp_source_for, warm  # noqa: E402
 from servers import ROOT, Server, sqlite_url, start_deskgate  # noqa: E402
 
 ROUNDS = int(os.environ.get("AB_ROUNDS", "4"))
@@ -62,7 +62,7 @@ def big_rounds(servers: list[Server]) -> None:
     with_big: dict[str, list[float]] = {s.name: [] for s in servers}
     for rnd in range(ROUNDS):
         for server in servers if rnd % 2 == 0 else servers[::-1]:
-            result = big_mails(server, BIG, 10, 3)
+            result = big_mails(server, BIG, BIG_MIB, 3)
             alone[server.name].append(result["baseline"]["small_p99_ms"])
             with_big[server.name].append(result["with_big"]["small_p99_ms"])
     for server in servers:
