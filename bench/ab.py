@@ -3,9 +3,9 @@
 Usage: python bench/ab.py NAME=DIR [NAME=DIR ...]   (DIR holds gateway/ and store/)
 Each tree serves on its own port and database; smtp-source (20 sessions, 5 KB) loads them
 in turn, A B C, C B A, ... Prints mails/s per round and CPU seconds per 1,000 mails.
-AB_MODE=big runs the big-mail phase of `make bench` instead (10 MiB mails at once: 5 with
-BENCH_QUICK=1, else 20; small mails alongside): small-mail p99 alone and with big mails,
-per round and median.
+AB_MODE=big runs the big-mail phase of `make bench` instead (5 mails of 10 MiB at once with
+BENCH_QUICK=1, else 20 of 20 MiB; small mails alongside): small-mail p99 alone and with big
+mails, per round and median. The servers keep their databases from round to round.
 """
 
 from __future__ import annotations
