@@ -48,8 +48,9 @@ def freeze_startup_objects() -> int:
     load, 70-95 ms each on the loop, with mails waiting. Frozen, they are still freed by
     reference counting; only a cycle among them that became garbage later would stay, and
     the collection just before the freeze leaves none that is garbage already. Objects made
-    afterwards (sessions, mails, batches) are collected as before. Returns how many objects
-    were frozen.
+    afterwards (sessions, mails, batches) are collected as before, and what a SIGHUP reload
+    replaces is freed by reference counting (tests/integration/test_frozen_startup.py).
+    Returns how many objects were frozen.
     """
     gc.collect()
     gc.freeze()
