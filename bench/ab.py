@@ -1,6 +1,8 @@
 """A/B of code versions: deskgate on SQLite from several source trees, loads interleaved.
 
-Usage: python bench/ab.py NAME=DIR [NAME=DIR ...]   (DIR holds gateway/ and store/)
+Usage: python bench/ab.py NAME=DIR [NAME=DIR ...]   (DIR holds gateway/ and store/;
+AB_ENV_NAME="KEY=VALUE KEY2=VALUE2" adds to that server's environment, e.g. to compare one
+tree with and without a GLIBC_TUNABLES setting)
 Each tree serves on its own port and database; smtp-source (20 sessions, 5 KB) loads them
 in turn, A B C, C B A, ... Prints mails/s per round and CPU seconds per 1,000 mails.
 AB_MODE=big runs the big-mail phase of `make bench` instead (5 mails of 10 MiB at once with
@@ -33,8 +35,9 @@ def main(pairs: list[str]) -> None:
     try:
         for pair in pairs:
             name, _, source = pair.partition("=")
+            env = dict(kv.split("=", 1) for kv in os.environ.get(f"AB_ENV_{name}", "").split())
             servers.append(warm(start_deskgate(name, workdir, sqlite_url(workdir, name),
-                                               source=Path(source))))
+                                               source=Path(source), env=env)))
         if MODE == "big":
             big_rounds(servers)
             return

@@ -194,8 +194,10 @@ def deskgate_config(name: str, workdir: Path, url: str, max_bytes: int,
 
 
 def start_deskgate(name: str, workdir: Path, url: str, workers: int = 1,
-                   max_bytes: int = 64 * 2**20, source: Path = ROOT) -> Server:
-    """deskgate serving on a free port; `source`: a tree holding another version's code."""
+                   max_bytes: int = 64 * 2**20, source: Path = ROOT,
+                   env: dict[str, str] | None = None) -> Server:
+    """deskgate serving on a free port; `source`: a tree holding another version's code;
+    `env`: added to its environment."""
     # Acknowledgements go to a Postfix smtp-sink (C, fast), as to a real smarthost.
     relay_port = free_port()
     as_user = ["-u", "nobody"] if os.geteuid() == 0 else []  # smtp-sink refuses to run as root
@@ -206,7 +208,8 @@ def start_deskgate(name: str, workdir: Path, url: str, workers: int = 1,
     command = [PYTHON, "-m", "gateway.cli", "--config", str(config), "serve"]
     if workers > 1:
         command += ["--workers", str(workers)]
-    process = subprocess.Popen(command, stdout=log, stderr=log, cwd=source)
+    process = subprocess.Popen(command, stdout=log, stderr=log, cwd=source,
+                               env={**os.environ, **(env or {})})
     wait_listening(port, process, name)
     server = Server(name, port, process, url, relay=relay)
     server.discover(workers)
