@@ -21,6 +21,7 @@ from gateway.inbound.imap_history import HistoryHook
 from gateway.inbound.limits import RateLimiter
 from gateway.inbound.smtp import InboundHandler, start_inbound
 from gateway.ingest.pipeline import Pipeline
+from gateway.ingest.readable import warm_up
 from gateway.memory import freeze_startup_objects, return_big_buffers
 from gateway.outbound.escalation import EscalationMail
 from gateway.outbound.rating import RatingMail
@@ -219,6 +220,7 @@ def _keep_restart_only(old: Settings, new: Settings) -> Settings:
 
 async def serve(settings: Settings, reuse_port: bool = False) -> None:
     return_big_buffers()
+    warm_up()  # the language model, ~0.3 s: else the first mail stalls every session for it
     gateway = Gateway(settings)
     daemon = Daemon(gateway, lambda: load_settings(Path(settings.source)))
     daemon.install_signals()  # before start: a SIGTERM during start-up drains, not kills
