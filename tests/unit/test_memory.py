@@ -6,7 +6,6 @@ import gc
 import sys
 import weakref
 
-import pytest
 import structlog
 
 from gateway.memory import freeze_startup_objects, return_big_buffers
@@ -46,6 +45,6 @@ def test_startup_objects_leave_the_generations_and_later_cycles_are_still_collec
     assert in_collected_generations(before)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
 def test_big_buffers_threshold_is_fixed_on_glibc() -> None:
-    assert return_big_buffers() is True
+    # mallopt is glibc's: done on Debian (where deskgate runs), refused elsewhere
+    assert return_big_buffers() is sys.platform.startswith("linux")
