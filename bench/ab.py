@@ -2,7 +2,7 @@
 
 Usage: python bench/ab.py NAME=DIR [NAME=DIR ...]   (DIR holds gateway/ and store/;
 AB_ENV_NAME="KEY=VALUE KEY2=VALUE2" adds to that server's environment, e.g. to compare one
-tree with and without a GLIBC_TUNABLES setting)
+tree with and without a GLIBC_TUNABLES setting; AB_WORKERS=2 serves each with `--workers 2`)
 Each tree serves on its own port and database; smtp-source (20 sessions, 5 KB) loads them
 in turn, A B C, C B A, ... Prints mails/s per round and CPU seconds per 1,000 mails.
 AB_MODE=big runs the big-mail phase of `make bench` instead (5 mails of 10 MiB at once with
@@ -27,6 +27,7 @@ ROUNDS = int(os.environ.get("AB_ROUNDS", "4"))
 RUN_S = float(os.environ.get("AB_RUN_S", "4"))
 SESSIONS = int(os.environ.get("AB_SESSIONS", "20"))
 MODE = os.environ.get("AB_MODE", "throughput")
+WORKERS = int(os.environ.get("AB_WORKERS", "1"))
 
 
 def main(pairs: list[str]) -> None:
@@ -37,7 +38,7 @@ def main(pairs: list[str]) -> None:
             name, _, source = pair.partition("=")
             env = dict(kv.split("=", 1) for kv in os.environ.get(f"AB_ENV_{name}", "").split())
             servers.append(warm(start_deskgate(name, workdir, sqlite_url(workdir, name),
-                                               source=Path(source), env=env)))
+                                               workers=WORKERS, source=Path(source), env=env)))
         if MODE == "big":
             big_rounds(servers)
             return

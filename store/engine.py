@@ -225,7 +225,11 @@ class Store:
         """SQLite's WAL checkpoints, off the writers' path, until cancelled."""
         while True:
             try:
-                await asyncio.wait_for(self._checkpoint_due.wait(), every_s)
+                # Not asyncio.wait_for: on Python 3.11 it drops a cancellation that comes in
+                # the turn the request does (a big mail's piece as the daemon stops), and
+                # this task then ran on for ever.
+                async with asyncio.timeout(every_s):
+                    await self._checkpoint_due.wait()
             except TimeoutError:
                 pass
             self._checkpoint_due.clear()

@@ -114,8 +114,9 @@ class RelayWorker:
                 log.exception("outbox.loop_error")
             if self._stopping.is_set():
                 break
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.outbound.outbox.poll_interval_s)
+            try:  # asyncio.timeout: wait_for may drop a cancellation (store/engine.py)
+                async with asyncio.timeout(self.outbound.outbox.poll_interval_s):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
