@@ -83,7 +83,10 @@ class Daemon:
                                                      Message.received_at >= midnight)
         try:
             async with self.gateway.store.read() as session:
-                count = await asyncio.wait_for(session.scalar(query), STATUS_QUERY_TIMEOUT_S)
+                # asyncio.timeout, not wait_for: on Python 3.11 a stop landing as the count
+                # came back was dropped, and run() waited on this task for ever.
+                async with asyncio.timeout(STATUS_QUERY_TIMEOUT_S):
+                    count = await session.scalar(query)
         except (SQLAlchemyError, OSError, TimeoutError) as exc:
             return f"store unavailable ({type(exc).__name__})"
         return f"{count} mails today"

@@ -89,26 +89,36 @@ class RelayWorker:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="relay-worker")
+        self._task.add_done_callback(_ended)
 
     def wake(self) -> None:
         self._wake.set()
 
     async def stop(self, timeout_s: float = 10.0) -> None:
+        """The mail being sent finishes; the rest of a claimed batch is handed back. Not
+        asyncio.wait_for on the task: on Python 3.11 its cancellation can be dropped (store/
+        engine.py) and it then waits for the task without any limit."""
         self._stopping.set()
         self._wake.set()
-        if self._task is not None:
-            try:
-                await asyncio.wait_for(self._task, timeout_s)
-            except TimeoutError:
-                log.warning("outbox.stop_timeout")
+        task = self._task
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            log.warning("outbox.stop_timeout", timeout_s=timeout_s)
+            task.cancel()
+            await asyncio.wait({task}, timeout=timeout_s)
 
     async def _loop(self) -> None:
-        await self.recover()
+        recovered = False
         while not self._stopping.is_set():
             # Cleared before the round, not after: a wake() that comes while we send (a mail
             # queued meanwhile) starts the next round at once instead of waiting out the poll.
             self._wake.clear()
             try:
+                if not recovered:  # the store may not be up yet: retried with each round
+                    await self.recover()
+                    recovered = True
                 await self.run_until_idle()
             except Exception:  # noqa: BLE001 — the store may be down; try again later
                 log.exception("outbox.loop_error")
@@ -140,16 +150,37 @@ class RelayWorker:
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
         limit = asyncio.Semaphore(self.outbound.relay.concurrency)
 
-        async def run(chunk: list[queue.Claimed]) -> None:
+        async def run(chunk: list[queue.Claimed], unsent: list[queue.Claimed]) -> None:
             async with limit:
-                await self._send_chunk(chunk)
+                await self._send_chunk(chunk, unsent)
 
-        await asyncio.gather(*(run(c) for c in chunks))
+        unsent: list[queue.Claimed] = []
+        await asyncio.gather(*(run(c, unsent) for c in chunks))
+        if unsent:
+            await self._hand_back(unsent)
 
-    async def _send_chunk(self, rows: list[queue.Claimed]) -> None:
-        """One connection for several mails; a lost connection is reopened for the next."""
+    async def _hand_back(self, rows: list[queue.Claimed]) -> None:
+        """Claimed rows not sent because we are stopping: due again now, for the next start
+        or another instance, instead of after their lease."""
+        now = self.clock()
+        try:
+            async with self.store.transaction() as session:
+                for row in rows:
+                    await queue.settle(session, row.id, state="retry", next_attempt_at=now)
+        except Exception as exc:  # noqa: BLE001 — their lease expires: they are sent then
+            log.warning("outbox.hand_back_failed", rows=len(rows), error=type(exc).__name__)
+            return
+        log.info("outbox.handed_back", rows=len(rows))
+
+    async def _send_chunk(self, rows: list[queue.Claimed],
+                          unsent: list[queue.Claimed] | None = None) -> None:
+        """One connection for several mails; a lost connection is reopened for the next.
+        Once the worker is stopping, the rows not begun go to `unsent`."""
         client: aiosmtplib.SMTP | None = None
-        for row in rows:
+        for index, row in enumerate(rows):
+            if self._stopping.is_set() and unsent is not None:
+                unsent.extend(rows[index:])
+                break
             try:
                 if client is None or not client.is_connected:
                     client = self.relay.client(self.hostname)
@@ -220,3 +251,13 @@ def _drop(client: aiosmtplib.SMTP | None) -> None:
     if client is not None:
         client.close()
     return None
+
+
+def _ended(task: asyncio.Task[None]) -> None:
+    """The worker only ends when stopped; anything else means outbound mail stopped, so it
+    is logged (and the task's exception read) instead of lost with the task."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.error("outbox.worker_died", error=type(error).__name__, detail=str(error)[:300])

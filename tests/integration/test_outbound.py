@@ -12,6 +12,7 @@ from typing import Any
 
 import dkim
 import pytest
+import structlog
 from sqlalchemy import func, select, update
 
 from gateway.ingest.addresses import bounce_address, reply_address
@@ -77,7 +78,8 @@ async def outbound(make_gateway: Callable[..., Any], tmp_path: Path
                    ) -> AsyncIterator[Callable[..., Any]]:
     servers: list[asyncio.Server] = []
 
-    async def factory(bootstrap: bool = True, extra: str = "", relay_up: bool = True) -> Setup:
+    async def factory(bootstrap: bool = True, extra: str = "", relay_up: bool = True,
+                      relay_extra: str = "") -> Setup:
         relay = CatchHandler()
         server = await start_catcher(relay, "127.0.0.1", 0)
         port = int(server.sockets[0].getsockname()[1])
@@ -88,7 +90,7 @@ async def outbound(make_gateway: Callable[..., Any], tmp_path: Path
             await server.wait_closed()
         clock = Clock()
         gateway = await make_gateway(clock=clock, extra=(
-            f'[relay]\nlisten = "127.0.0.1:{port}"\ntimeout_s = 5\n'
+            f'[relay]\nlisten = "127.0.0.1:{port}"\ntimeout_s = 5\n{relay_extra}'
             f'[outbox]\nworker = false\n'
             f'[dev]\nbootstrap = {str(bootstrap).lower()}\ndir = "{tmp_path}"\n{extra}'))
         return Setup(gateway, relay, clock, port, servers)
@@ -192,6 +194,77 @@ async def test_our_own_exception_is_shunted_after_repeating(outbound: Any,
     [row] = await setup.rows()
     assert row.state == "shunted" and "signer bug" in (row.last_error or "")
     assert setup.relay.caught == []
+
+
+# --- stopping -----------------------------------------------------------------------------
+
+async def test_a_stop_mid_batch_hands_the_unsent_rows_back(outbound: Any) -> None:
+    """One connection for the whole batch; the stop comes while its first mail is at the
+    relay: that one is sent, the rest are due again at once instead of after their lease,
+    and a later round sends each of them once."""
+    setup = await outbound(relay_extra="concurrency = 1\n")
+    worker = setup.gateway.outbound.worker
+    assert worker is not None
+    for i in range(4):
+        await _new_ticket(setup, sender=f"c{i}@example.org", subject=f"Question {i}")
+    draining = asyncio.create_task(setup.drain())
+    await asyncio.wait_for(setup.relay.arrived.wait(), 10)
+    await worker.stop()
+    await asyncio.wait_for(draining, 10)
+    rows = await setup.rows()
+    states = sorted(r.state for r in rows)
+    assert states.count("sent") == len(setup.relay.caught) >= 1
+    handed_back = [r for r in rows if r.state == "retry"]
+    assert handed_back and len(handed_back) + len(setup.relay.caught) == 4
+    assert all(r.lease_until is None and r.next_attempt_at <= setup.clock()
+               for r in handed_back)
+    worker._stopping.clear()  # started again (the next start, or another instance)
+    await setup.drain()
+    assert sorted(r.state for r in await setup.rows()) == ["sent"] * 4
+    caught_ids = [c.message["Message-ID"].strip("<>") for c in setup.relay.caught]
+    assert sorted(caught_ids) == sorted(r.message_id for r in rows)  # each exactly once
+
+
+async def test_the_worker_recovers_leases_once_the_store_answers(outbound: Any,
+                                                                 monkeypatch: Any) -> None:
+    """The store not answering as the worker starts (PostgreSQL still starting) used to end
+    the worker's task for good, silently: outbound mail stopped until a restart."""
+    setup = await outbound()
+    worker = setup.gateway.outbound.worker
+    assert worker is not None
+    real = worker.recover
+    tries: list[int] = []
+
+    async def flaky() -> int:
+        tries.append(1)
+        if len(tries) == 1:
+            raise OSError("connection refused")
+        return await real()
+
+    monkeypatch.setattr(worker, "recover", flaky)
+    await _new_ticket(setup)
+    worker.start()
+    try:
+        for _ in range(500):
+            if tries:
+                break
+            await asyncio.sleep(0.01)
+        worker.wake()  # the next round now, not after the poll interval
+        await asyncio.wait_for(setup.relay.arrived.wait(), 10)
+    finally:
+        await worker.stop()
+    assert len(tries) == 2 and len(setup.relay.caught) == 1
+
+
+async def test_a_worker_that_died_says_so() -> None:
+    async def broken() -> None:
+        raise RuntimeError("bug")
+
+    task = asyncio.create_task(broken())
+    await asyncio.gather(task, return_exceptions=True)
+    with structlog.testing.capture_logs() as logs:
+        relay._ended(task)
+    assert [(e["event"], e["error"]) for e in logs] == [("outbox.worker_died", "RuntimeError")]
 
 
 # --- acknowledgements ---------------------------------------------------------------------
