@@ -71,11 +71,15 @@ async def run_token_command(command: str) -> str:
     except OSError as exc:
         raise ImapProblem(f"token_command cannot run: {exc.strerror or exc}") from None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), TOKEN_COMMAND_TIMEOUT_S)
+        async with asyncio.timeout(TOKEN_COMMAND_TIMEOUT_S):
+            out, err = await proc.communicate()
     except TimeoutError:
         proc.kill()
         raise ImapProblem(f"token_command took longer than {TOKEN_COMMAND_TIMEOUT_S:.0f}s") \
             from None
+    except asyncio.CancelledError:  # the poller stopping: the command must not outlive it
+        proc.kill()
+        raise
     token = out.decode(errors="replace").strip()
     if proc.returncode != 0 or not token:
         raise ImapProblem(f"token_command failed (exit {proc.returncode}): "
