@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import BIG, BIG_MIB, big_mails, smtp_source_for, warm  # noqa: E402
+from run import BIG, BIG_MIB, big_mails, print_big, smtp_source_for, warm  # noqa: E402
 from servers import ROOT, Server, sqlite_url, start_deskgate  # noqa: E402
 
 ROUNDS = int(os.environ.get("AB_ROUNDS", "4"))
@@ -64,16 +64,20 @@ def main(pairs: list[str]) -> None:
 def big_rounds(servers: list[Server]) -> None:
     alone: dict[str, list[float]] = {s.name: [] for s in servers}
     with_big: dict[str, list[float]] = {s.name: [] for s in servers}
+    disk: dict[str, list[float]] = {s.name: [] for s in servers}
     for rnd in range(ROUNDS):
         for server in servers if rnd % 2 == 0 else servers[::-1]:
             result = big_mails(server, BIG, BIG_MIB, 3)
+            print_big(result)
             alone[server.name].append(result["baseline"]["small_p99_ms"])
             with_big[server.name].append(result["with_big"]["small_p99_ms"])
+            disk[server.name].append(result["with_big"]["disk_sync_max_ms"])
     for server in servers:
         a, w = statistics.median(alone[server.name]), statistics.median(with_big[server.name])
         print(f"{server.name:<24} small-mail p99 alone {a:6.1f} ms, with {BIG} big {w:6.1f} ms "
               f"(x{w / a:.1f}); rounds with big "
-              f"{' '.join(f'{v:.0f}' for v in with_big[server.name])}")
+              f"{' '.join(f'{v:.0f}' for v in with_big[server.name])}; the disk's longest "
+              f"4 KiB fdatasync meanwhile {' '.join(f'{v:.0f}' for v in disk[server.name])} ms")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import random
 import signal
 import sys
+import threading
 import time
 import uuid
 
@@ -148,6 +150,24 @@ async def big_sender(port: int, i: int, body: bytes) -> tuple[int, float]:
     return code, time.perf_counter() - started
 
 
+def disk_syncs(path: str, interval_s: float, stop: threading.Event) -> list[float]:
+    """A 4 KiB overwrite and fdatasync every interval, in a thread: what any small durable
+    commit on the same disk waits for meanwhile, whoever the server is."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    block = bytearray(4096)
+    syncs: list[float] = []
+    try:
+        while not stop.wait(interval_s):
+            block[:8] = time.perf_counter_ns().to_bytes(8, "little")
+            started = time.perf_counter()
+            os.pwrite(fd, block, 0)
+            os.fdatasync(fd)
+            syncs.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+    return syncs
+
+
 async def own_lag(interval_s: float, stop: asyncio.Event) -> list[float]:
     """How late this client's own loop wakes up: when the machine's two cores are busy, the
     client measuring is delayed too, and that delay is not the server's."""
@@ -159,8 +179,12 @@ async def own_lag(interval_s: float, stop: asyncio.Event) -> list[float]:
     return lags
 
 
-async def phase(port: int, seconds: float, big: int, big_bytes: int) -> dict[str, object]:
+async def phase(port: int, seconds: float, big: int, big_bytes: int,
+                disk_file: str = "") -> dict[str, object]:
     stop = asyncio.Event()
+    disk_stop = threading.Event()
+    disk = asyncio.create_task(asyncio.to_thread(disk_syncs, disk_file, 0.005, disk_stop)) \
+        if disk_file else None
     sender = None
     if big:  # another process, as another MTA: building and writing 10 MiB bodies here
         # would stall this loop and count the client's own delay as the server's. It builds
@@ -184,7 +208,9 @@ async def phase(port: int, seconds: float, big: int, big_bytes: int) -> dict[str
         results = []
     elapsed = time.perf_counter() - started
     stop.set()
+    disk_stop.set()
     out = await small
+    out["disk_sync_s"] = await disk if disk is not None else []
     out["lag_s"] = await lag
     out["own_lag_s"] = await own
     out["elapsed_s"] = elapsed
@@ -204,6 +230,8 @@ async def main() -> None:
     parser.add_argument("--baseline-s", type=float, default=5)
     parser.add_argument("--big-bytes", type=int, default=0)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--disk-file", default="",
+                        help="big: time a 4 KiB fdatasync of this file every 5 ms meanwhile")
     args = parser.parse_args()
     if args.mode == "send-big":  # the big mails of `phase`, at once, from this process
         bodies = [big_body(args.tag, i, args.big_bytes) for i in range(args.big)]
@@ -218,8 +246,9 @@ async def main() -> None:
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         result = await probe_mails(args.port, args.size, args.pause_ms / 1000, stop)
     else:
-        result = {"baseline": await phase(args.port, args.baseline_s, 0, 0),
-                  "with_big": await phase(args.port, 0, args.big, int(args.big_mb * 2**20))}
+        result = {"baseline": await phase(args.port, args.baseline_s, 0, 0, args.disk_file),
+                  "with_big": await phase(args.port, 0, args.big, int(args.big_mb * 2**20),
+                                          args.disk_file)}
     print(json.dumps(result))
 
 

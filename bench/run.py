@@ -175,7 +175,9 @@ def big_mails(server: Server, count: int, mib: float, baseline_s: float) -> dict
     rss0 = server.rss_mib()
     out = subprocess.run([PYTHON, str(ROOT / "bench" / "probe.py"), "big", "--port",
                           str(server.port), "--big", str(count), "--big-mb", str(mib),
-                          "--baseline-s", str(baseline_s)],
+                          "--baseline-s", str(baseline_s),
+                          # on the disk the stores write to: var/ holds the SQLite files
+                          "--disk-file", str(ROOT / "var" / "bench" / "disk-probe.dat")],
                          capture_output=True, text=True, check=True, timeout=600).stdout
     data = json.loads(out)
     result: dict[str, Any] = {"variant": server.name, "big": count, "big_mib": mib,
@@ -189,6 +191,8 @@ def big_mails(server: Server, count: int, mib: float, baseline_s: float) -> dict
                        "lag_p50_ms": 1000 * pct(lag, 0.5), "lag_p99_ms": 1000 * pct(lag, 0.99),
                        "lag_max_ms": 1000 * max(lag, default=float("nan")),
                        "client_lag_p99_ms": 1000 * pct(own, 0.99),
+                       "disk_sync_p99_ms": 1000 * pct(phase["disk_sync_s"], 0.99),
+                       "disk_sync_max_ms": 1000 * max(phase["disk_sync_s"], default=float("nan")),
                        "elapsed_s": phase["elapsed_s"], "big_codes": phase["big_codes"]}
     return result
 
@@ -202,7 +206,10 @@ def print_big(r: dict[str, Any]) -> None:
           f"(n={w['small_n']}); loop lag (NOOP) p50/p99/max {b['lag_p50_ms']:.1f}/"
           f"{b['lag_p99_ms']:.1f}/{b['lag_max_ms']:.0f} -> {w['lag_p50_ms']:.1f}/"
           f"{w['lag_p99_ms']:.1f}/{w['lag_max_ms']:.0f} ms; the client's own lag p99 "
-          f"{b['client_lag_p99_ms']:.1f} -> {w['client_lag_p99_ms']:.1f} ms; "
+          f"{b['client_lag_p99_ms']:.1f} -> {w['client_lag_p99_ms']:.1f} ms; a 4 KiB "
+          f"fdatasync on the same disk p99/max {b['disk_sync_p99_ms']:.1f}/"
+          f"{b['disk_sync_max_ms']:.0f} -> {w['disk_sync_p99_ms']:.1f}/"
+          f"{w['disk_sync_max_ms']:.0f} ms; "
           f"RSS {r['rss_before_mib']:.1f} -> "
           f"peak {r['peak_rss_mib']:.1f} MiB (parser process {r['helper_peak_rss_mib']:.0f})",
           flush=True)

@@ -17,7 +17,8 @@ BEGIN wait in a thread. COMMIT (the fsync) runs on the loop while this connectio
 commits took under INLINE_COMMIT_S and the transaction carried no big values: a thread hop
 costs up to the GIL's switch interval (5 ms) each way while the loop is busy, and measured
 under load BEGIN and COMMIT in threads held SQLite's write lock ~12 ms per batch for ~0.4 ms
-of fsync, which is what two worker processes queue on.
+of fsync, which is what two worker processes queue on. For AFTER_BIG_S after a commit of big
+values every COMMIT goes to a thread: the disk is busy writing them, and fsyncs stall.
 
 It offers the part of aiosqlite's interface that SQLAlchemy's aiosqlite dialect and
 Store.checkpoint use (`create_async_engine(..., async_creator=connect(path))`).
@@ -34,6 +35,12 @@ from typing import Any
 
 BIG_VALUES_BYTES = 64 * 1024
 INLINE_COMMIT_S = 0.002  # commits quicker than this (moving average) stay on the loop
+# For this long after a commit of big values every COMMIT goes to a thread: the disk is then
+# writing those values back (and the checkpoint copying them), and a small COMMIT's fsync
+# waited behind that 83-162 ms, on the loop, every session with it (traced in the bench's
+# big-mail phase, 20 x 20 MiB). The moving average learns only after such a stall.
+AFTER_BIG_S = 2.0
+_big_at = float("-inf")  # monotonic time of this process's latest big commit; one disk
 _OFF_LOOP = ("BEGIN", "COMMIT", "END", "ROLLBACK", "PRAGMA WAL_CHECKPOINT", "VACUUM")
 
 
@@ -178,9 +185,12 @@ class Connection:
             conn.execute(f"PRAGMA busy_timeout = {self._timeout_ms}")
 
     def _timed_commit(self, big: bool) -> None:
+        global _big_at
         started = time.perf_counter()
         self._conn.commit()
-        if not big:  # the average says how long a small transaction's fsync takes here
+        if big:  # its write-back goes on after the fsync: counted from the end
+            _big_at = time.monotonic()
+        else:  # the average says how long a small transaction's fsync takes here
             took = time.perf_counter() - started
             self._commit_s = took if not self._commit_s else 0.8 * self._commit_s + 0.2 * took
 
@@ -198,8 +208,12 @@ class Connection:
         return await self.cursor().executemany(sql, parameters)
 
     async def commit(self) -> None:
+        global _big_at
         big, self.big_values = self.big_values, False
-        if big or self._commit_s >= INLINE_COMMIT_S:
+        if big:
+            _big_at = time.monotonic()
+        if big or self._commit_s >= INLINE_COMMIT_S or \
+                time.monotonic() - _big_at < AFTER_BIG_S:
             await self.in_thread(self._timed_commit, big)
         else:
             self._timed_commit(big)
