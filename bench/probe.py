@@ -200,15 +200,17 @@ async def phase(port: int, seconds: float, big: int, big_bytes: int,
     lag = asyncio.create_task(noop_lag(port, 0.01, stop))
     own = asyncio.create_task(own_lag(0.005, stop))
     started = time.perf_counter()
-    if sender is not None:
-        output, _ = await sender.communicate(b"go\n")
-        results = [tuple(r) for r in json.loads(output)]
-    else:
-        await asyncio.sleep(seconds)
-        results = []
+    try:
+        if sender is not None:
+            output, _ = await sender.communicate(b"go\n")
+            results = [tuple(r) for r in json.loads(output)]
+        else:
+            await asyncio.sleep(seconds)
+            results = []
+    finally:  # the disk thread would keep the process alive
+        disk_stop.set()
     elapsed = time.perf_counter() - started
     stop.set()
-    disk_stop.set()
     out = await small
     out["disk_sync_s"] = await disk if disk is not None else []
     out["lag_s"] = await lag

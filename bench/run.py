@@ -173,6 +173,7 @@ def print_row(row: dict[str, Any]) -> None:
 def big_mails(server: Server, count: int, mib: float, baseline_s: float) -> dict[str, Any]:
     server.reset_peak()
     rss0 = server.rss_mib()
+    (ROOT / "var" / "bench").mkdir(parents=True, exist_ok=True)  # the disk probe's file
     out = subprocess.run([PYTHON, str(ROOT / "bench" / "probe.py"), "big", "--port",
                           str(server.port), "--big", str(count), "--big-mb", str(mib),
                           "--baseline-s", str(baseline_s),

@@ -40,7 +40,12 @@ INLINE_COMMIT_S = 0.002  # commits quicker than this (moving average) stay on th
 # waited behind that 83-162 ms, on the loop, every session with it (traced in the bench's
 # big-mail phase, 20 x 20 MiB). The moving average learns only after such a stall.
 AFTER_BIG_S = 2.0
-_big_at = float("-inf")  # monotonic time of this process's latest big commit; one disk
+# What counts as big here: a big mail's pieces (store/blobs.py, 1 MiB) and values near that,
+# not every mail over 64 KiB (those only take their own COMMIT off the loop).
+AFTER_BIG_BYTES = 512 * 1024
+# Monotonic time of this process's latest big commit. Per process: with `--workers 2` the
+# other worker's big writes do not count here (its commits stall the same disk).
+_big_at = float("-inf")
 _OFF_LOOP = ("BEGIN", "COMMIT", "END", "ROLLBACK", "PRAGMA WAL_CHECKPOINT", "VACUUM")
 
 
@@ -65,6 +70,11 @@ def _off_loop(sql: str, parameters: Any) -> bool:
             if size > BIG_VALUES_BYTES:
                 return True
     return False
+
+
+def _values_bytes(parameters: Any) -> int:
+    values = parameters.values() if isinstance(parameters, dict) else parameters
+    return sum(len(v) for v in values if isinstance(v, (bytes, bytearray, memoryview, str)))
 
 
 class _Immediate:
@@ -121,11 +131,13 @@ class Cursor:
         parameters = () if parameters is None else parameters
         if _off_loop(sql, parameters):
             if _is_begin(sql):
-                self._owner.big_values = False
+                self._owner.big_values = self._owner.very_big = False
                 if self._owner.begin_now(sql):
                     return self
             elif parameters:  # big values: the COMMIT writing them goes to a thread too
                 self._owner.big_values = True
+                self._owner.very_big = self._owner.very_big or \
+                    _values_bytes(parameters) >= AFTER_BIG_BYTES
             await self._owner.in_thread(self._cursor.execute, sql, parameters)
         else:
             self._cursor.execute(sql, parameters)
@@ -135,6 +147,8 @@ class Cursor:
         rows = list(parameters)
         if any(_off_loop(sql, row) for row in rows):
             self._owner.big_values = True
+            self._owner.very_big = self._owner.very_big or \
+                max(map(_values_bytes, rows)) >= AFTER_BIG_BYTES
             await self._owner.in_thread(self._cursor.executemany, sql, rows)
         else:
             self._cursor.executemany(sql, rows)
@@ -169,6 +183,7 @@ class Connection:
         self._running = 0  # statements of this connection running in threads now
         self._commit_s = 0.0  # moving average of this connection's commits, wherever run
         self.big_values = False  # the open transaction went to a thread: so does its COMMIT
+        self.very_big = False  # ... and carried AFTER_BIG_BYTES in one statement
 
     def begin_now(self, sql: str) -> bool:
         """BEGIN on the loop if it need not wait for the write lock; False if it must."""
@@ -184,13 +199,13 @@ class Connection:
         finally:
             conn.execute(f"PRAGMA busy_timeout = {self._timeout_ms}")
 
-    def _timed_commit(self, big: bool) -> None:
+    def _timed_commit(self, big: bool, very_big: bool = False) -> None:
         global _big_at
         started = time.perf_counter()
         self._conn.commit()
-        if big:  # its write-back goes on after the fsync: counted from the end
+        if very_big:  # its write-back goes on after the fsync: counted from the end too
             _big_at = time.monotonic()
-        else:  # the average says how long a small transaction's fsync takes here
+        if not big:  # the average says how long a small transaction's fsync takes here
             took = time.perf_counter() - started
             self._commit_s = took if not self._commit_s else 0.8 * self._commit_s + 0.2 * took
 
@@ -210,16 +225,17 @@ class Connection:
     async def commit(self) -> None:
         global _big_at
         big, self.big_values = self.big_values, False
-        if big:
+        very_big, self.very_big = self.very_big, False
+        if very_big:  # from now: other connections' commits meet its fsync on the disk
             _big_at = time.monotonic()
         if big or self._commit_s >= INLINE_COMMIT_S or \
                 time.monotonic() - _big_at < AFTER_BIG_S:
-            await self.in_thread(self._timed_commit, big)
+            await self.in_thread(self._timed_commit, big, very_big)
         else:
             self._timed_commit(big)
 
     async def rollback(self) -> None:
-        self.big_values = False
+        self.big_values = self.very_big = False
         if not self._running and not self._conn.in_transaction:
             # SQLAlchemy's pool rolls back every connection it gets back, after each COMMIT
             # too: with no transaction open that is nothing to do, and a thread hop for it

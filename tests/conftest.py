@@ -25,6 +25,15 @@ PG_ADMIN_URL = os.environ.get("DESKGATE_TEST_PG",
 SECRET = "test-secret-0123456789abcdef"
 
 
+@pytest.fixture(autouse=True)
+def _no_big_sqlite_commit_lately(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a SQLite commit stays on the loop depends on this process's latest big commit
+    (store/sqlite_inline.py): an earlier test's must not decide it for the next."""
+    from store import sqlite_inline
+
+    monkeypatch.setattr(sqlite_inline, "_big_at", float("-inf"))
+
+
 def need_peer(what: str, why: str) -> None:
     """A missing peer fails the run in CI and skips it on a laptop (brief, non-negotiable 2)."""
     message = f"{what} is not available: {why}"

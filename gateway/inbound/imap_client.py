@@ -74,17 +74,24 @@ async def run_token_command(command: str) -> str:
         async with asyncio.timeout(TOKEN_COMMAND_TIMEOUT_S):
             out, err = await proc.communicate()
     except TimeoutError:
-        proc.kill()
+        _kill(proc)
         raise ImapProblem(f"token_command took longer than {TOKEN_COMMAND_TIMEOUT_S:.0f}s") \
             from None
     except asyncio.CancelledError:  # the poller stopping: the command must not outlive it
-        proc.kill()
+        _kill(proc)
         raise
     token = out.decode(errors="replace").strip()
     if proc.returncode != 0 or not token:
         raise ImapProblem(f"token_command failed (exit {proc.returncode}): "
                           f"{err.decode(errors='replace').strip()[:200]}")
     return token
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    """Kill it if it still runs: one that just exited raises ProcessLookupError, which
+    would turn a stop (a cancellation) into an error."""
+    with suppress(ProcessLookupError):
+        proc.kill()
 
 
 async def _starttls(client: aioimaplib.IMAP4, host: str, context: ssl.SSLContext) -> None:

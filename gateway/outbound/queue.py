@@ -34,6 +34,7 @@ class Claimed:
     attempts: int
     internal_errors: int
     created_at: datetime
+    lease_until: datetime | None = None  # this claim's lease: hand_back only touches that
 
 
 async def is_verified(session: AsyncSession, address: str) -> bool:
@@ -136,12 +137,25 @@ async def claim(session: AsyncSession, now: datetime, lease_s: int, limit: int, 
     await session.flush()
     return [Claimed(r.id, r.ticket_id, r.kind, r.envelope_from, tuple(r.envelope_to),
                     r.from_addr, r.message_id, r.mime, r.attempts, r.internal_errors,
-                    r.created_at) for r in rows]
+                    r.created_at, r.lease_until) for r in rows]
 
 
 async def settle(session: AsyncSession, row_id: int, **values: Any) -> None:
     await session.execute(update(Outbox).where(Outbox.id == row_id)
                           .values(lease_until=None, **values))
+
+
+async def hand_back(session: AsyncSession, rows: list[Claimed], now: datetime) -> int:
+    """Claimed rows not begun: due again now. Only while still under this claim's lease:
+    had it expired and another worker claimed (and sent) a row meanwhile, that row is its."""
+    handed = 0
+    for row in rows:
+        result = await session.execute(update(Outbox).where(
+            Outbox.id == row.id, Outbox.state == "sending",
+            Outbox.lease_until == row.lease_until).values(
+            state="retry", lease_until=None, next_attempt_at=now))
+        handed += int(result.rowcount or 0)
+    return handed
 
 
 async def release_held(session: AsyncSession, address: str, now: datetime) -> int:

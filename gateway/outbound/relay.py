@@ -104,10 +104,16 @@ class RelayWorker:
         if task is None:
             return
         done, _ = await asyncio.wait({task}, timeout=timeout_s)
-        if not done:
-            log.warning("outbox.stop_timeout", timeout_s=timeout_s)
+        if done:
+            return
+        log.warning("outbox.stop_timeout", timeout_s=timeout_s)
+        # Cancelled again and again: aiosmtplib waits with wait_for too, which may drop one.
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not task.done() and asyncio.get_running_loop().time() < deadline:
             task.cancel()
-            await asyncio.wait({task}, timeout=timeout_s)
+            await asyncio.wait({task}, timeout=0.2)
+        if not task.done():
+            log.error("outbox.worker_left_running")
 
     async def _loop(self) -> None:
         recovered = False
@@ -150,35 +156,39 @@ class RelayWorker:
         chunks = [rows[i:i + per] for i in range(0, len(rows), per)]
         limit = asyncio.Semaphore(self.outbound.relay.concurrency)
 
-        async def run(chunk: list[queue.Claimed], unsent: list[queue.Claimed]) -> None:
+        unsent: list[queue.Claimed] = []
+
+        async def run(chunk: list[queue.Claimed]) -> None:
             async with limit:
                 await self._send_chunk(chunk, unsent)
 
-        unsent: list[queue.Claimed] = []
-        await asyncio.gather(*(run(c, unsent) for c in chunks))
+        # Every chunk ends before the hand-back and before an error goes up: none is left
+        # sending behind a stop that has returned.
+        outcomes = await asyncio.gather(*(run(c) for c in chunks), return_exceptions=True)
         if unsent:
             await self._hand_back(unsent)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _hand_back(self, rows: list[queue.Claimed]) -> None:
         """Claimed rows not sent because we are stopping: due again now, for the next start
         or another instance, instead of after their lease."""
-        now = self.clock()
         try:
             async with self.store.transaction() as session:
-                for row in rows:
-                    await queue.settle(session, row.id, state="retry", next_attempt_at=now)
+                handed = await queue.hand_back(session, rows, self.clock())
         except Exception as exc:  # noqa: BLE001 — their lease expires: they are sent then
             log.warning("outbox.hand_back_failed", rows=len(rows), error=type(exc).__name__)
             return
-        log.info("outbox.handed_back", rows=len(rows))
+        log.info("outbox.handed_back", rows=handed)
 
-    async def _send_chunk(self, rows: list[queue.Claimed],
-                          unsent: list[queue.Claimed] | None = None) -> None:
+    async def _send_chunk(self, rows: list[queue.Claimed], unsent: list[queue.Claimed]
+                          ) -> None:
         """One connection for several mails; a lost connection is reopened for the next.
         Once the worker is stopping, the rows not begun go to `unsent`."""
         client: aiosmtplib.SMTP | None = None
         for index, row in enumerate(rows):
-            if self._stopping.is_set() and unsent is not None:
+            if self._stopping.is_set():
                 unsent.extend(rows[index:])
                 break
             try:

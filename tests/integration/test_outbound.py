@@ -225,6 +225,25 @@ async def test_a_stop_mid_batch_hands_the_unsent_rows_back(outbound: Any) -> Non
     assert sorted(caught_ids) == sorted(r.message_id for r in rows)  # each exactly once
 
 
+async def test_a_hand_back_leaves_a_row_another_worker_took_since(outbound: Any) -> None:
+    """A chunk may outlast its lease: by the time the stop comes, another worker may have
+    claimed a row and sent it. Handing that row back would send it twice."""
+    setup = await outbound()
+    for i in range(2):
+        await _new_ticket(setup, sender=f"c{i}@example.org", subject=f"Question {i}")
+    async with setup.gateway.store.transaction() as session:
+        claimed = await queue.claim(session, setup.clock(), 300, 10, SECRET.encode())
+    assert len(claimed) == 2
+    async with setup.gateway.store.transaction() as session:
+        await session.execute(update(Outbox).where(Outbox.id == claimed[1].id).values(
+            state="sent", lease_until=None))
+    async with setup.gateway.store.transaction() as session:
+        assert await queue.hand_back(session, claimed, setup.clock()) == 1
+    rows = {r.id: r for r in await setup.rows()}
+    assert rows[claimed[0].id].state == "retry" and rows[claimed[0].id].lease_until is None
+    assert rows[claimed[1].id].state == "sent"
+
+
 async def test_the_worker_recovers_leases_once_the_store_answers(outbound: Any,
                                                                  monkeypatch: Any) -> None:
     """The store not answering as the worker starts (PostgreSQL still starting) used to end

@@ -29,7 +29,7 @@ class _AnsweringStore:
         return await self.answer
 
 
-@pytest.mark.parametrize("turns", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize("turns", [0, 1, 2])  # each failed with wait_for
 async def test_a_stop_as_the_status_count_answers_is_not_dropped(turns: int) -> None:
     store = _AnsweringStore()
     daemon = Daemon(SimpleNamespace(store=store), load=lambda: None)  # type: ignore[arg-type]

@@ -14,13 +14,6 @@ from store import sqlite_inline
 from store.sqlite_inline import BIG_VALUES_BYTES, _off_loop, connect
 
 
-@pytest.fixture(autouse=True)
-def _no_big_commit_lately(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whether a commit stays on the loop depends on this process's latest big commit (an
-    earlier test's): each test here starts without one."""
-    monkeypatch.setattr(sqlite_inline, "_big_at", float("-inf"))
-
-
 def test_statements_that_may_wait_or_move_much_go_to_a_thread() -> None:
     for sql in ("BEGIN IMMEDIATE", " begin", "COMMIT", "ROLLBACK TO SAVEPOINT sa_1",
                 "PRAGMA wal_checkpoint(PASSIVE)", "VACUUM"):
@@ -123,20 +116,25 @@ def test_a_commit_of_big_values_or_after_slow_commits_goes_to_a_thread(
             await connection.execute("INSERT INTO t VALUES (?)", (value,))
             await connection.commit()
 
+        async def big(size: int) -> None:
+            await connection.execute("BEGIN IMMEDIATE")
+            await connection.execute("INSERT INTO t VALUES (?)", (b"x" * size,))
+            await connection.commit()
+
         await small(0)  # nothing big yet: on the loop
-        await connection.execute("BEGIN IMMEDIATE")
-        await connection.execute("INSERT INTO t VALUES (?)", (b"x" * (BIG_VALUES_BYTES + 1),))
-        await connection.commit()  # big values: in a thread
-        await small(1)  # right after the big one: in a thread too
+        await big(BIG_VALUES_BYTES + 1)  # big values: in a thread
+        await small(1)  # a mid-sized mail: the next commit stays on the loop
+        await big(sqlite_inline.AFTER_BIG_BYTES)  # a big mail's piece: in a thread
+        await small(2)  # right after it: in a thread too
         monkeypatch.setattr(sqlite_inline, "AFTER_BIG_S", 0.0)  # that while has passed
-        await small(2)  # small again: on the loop
+        await small(3)  # small again: on the loop
         monkeypatch.setattr(sqlite_inline, "INLINE_COMMIT_S", 0.0)  # as if the disk were slow
-        await small(3)
+        await small(4)
         await connection.close()
         return seen
 
     seen = asyncio.run(run())
-    assert _thread_of(seen, "COMMIT") == [True, False, False, True, False]
+    assert _thread_of(seen, "COMMIT") == [True, False, True, False, False, True, False]
 
 
 def test_closing_while_a_thread_still_runs_a_statement_waits_for_it(tmp_path: Path) -> None:
