@@ -182,9 +182,6 @@ async def own_lag(interval_s: float, stop: asyncio.Event) -> list[float]:
 async def phase(port: int, seconds: float, big: int, big_bytes: int,
                 disk_file: str = "") -> dict[str, object]:
     stop = asyncio.Event()
-    disk_stop = threading.Event()
-    disk = asyncio.create_task(asyncio.to_thread(disk_syncs, disk_file, 0.005, disk_stop)) \
-        if disk_file else None
     sender = None
     if big:  # another process, as another MTA: building and writing 10 MiB bodies here
         # would stall this loop and count the client's own delay as the server's. It builds
@@ -199,6 +196,9 @@ async def phase(port: int, seconds: float, big: int, big_bytes: int,
     small = asyncio.create_task(probe_mails(port, 5 * 1024, 0.02, stop))
     lag = asyncio.create_task(noop_lag(port, 0.01, stop))
     own = asyncio.create_task(own_lag(0.005, stop))
+    disk_stop = threading.Event()  # from here on, the finally below stops its thread
+    disk = asyncio.create_task(asyncio.to_thread(disk_syncs, disk_file, 0.005, disk_stop)) \
+        if disk_file else None
     started = time.perf_counter()
     try:
         if sender is not None:
