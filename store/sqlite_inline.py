@@ -60,19 +60,11 @@ def _off_loop(sql: str, parameters: Any) -> bool:
             _ALWAYS_OFF[sql] = always
     if always:
         return True
-    if not parameters:
-        return False
-    values = parameters.values() if isinstance(parameters, dict) else parameters
-    size = 0
-    for value in values:
-        if isinstance(value, (bytes, bytearray, memoryview, str)):
-            size += len(value)
-            if size > BIG_VALUES_BYTES:
-                return True
-    return False
+    return bool(parameters) and _values_bytes(parameters) > BIG_VALUES_BYTES
 
 
 def _values_bytes(parameters: Any) -> int:
+    """Bytes of text and binary values a statement carries (what its writes move)."""
     values = parameters.values() if isinstance(parameters, dict) else parameters
     return sum(len(v) for v in values if isinstance(v, (bytes, bytearray, memoryview, str)))
 
