@@ -127,8 +127,11 @@ class Server:
             time.sleep(1.0)  # ...so give the second worker time to bind as well
 
     def cpu_s(self) -> float:
+        """CPU of the serving processes and of their helpers (the small mails' parser, the big
+        mails' parser pool): the work a mail costs, wherever it is done."""
         total = 0
-        for pid in self.pids:
+        helpers = [child for pid in self.pids for child in _children(pid) if child not in self.pids]
+        for pid in self.pids + helpers:
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:

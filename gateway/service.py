@@ -21,6 +21,7 @@ from gateway.inbound.imap_history import HistoryHook
 from gateway.inbound.limits import RateLimiter
 from gateway.inbound.smtp import InboundHandler, start_inbound
 from gateway.ingest.pipeline import Pipeline
+from gateway.ingest.prep import Preparer
 from gateway.ingest.readable import warm_up
 from gateway.memory import freeze_startup_objects, return_big_buffers
 from gateway.outbound.escalation import EscalationMail
@@ -46,6 +47,8 @@ class Gateway:
         self.settings = settings
         self.store = Store(settings.database_url)
         self.pipeline = Pipeline(settings, self.store, clock or (lambda: datetime.now(UTC)))
+        self.preparer = Preparer(self.pipeline.cid_url) if settings.inbound.parse_helper else None
+        self.pipeline.preparer = self.preparer
         self.handler = InboundHandler(self.pipeline)
         self.server: asyncio.Server | None = None
         # Acknowledgements, bounces, verification and the relay worker (issue 4).
@@ -109,6 +112,8 @@ class Gateway:
         if await pending(self.store):
             raise DeskgateError("the database schema is not up to date: run `deskgate db upgrade`")
         await self.pipeline.start()
+        if self.preparer is not None:
+            self.preparer.launch()  # in the background: until it is ready, mails parse here
         await self.outbound.start()
         inbound = self.settings.inbound
         self.server = await start_inbound(
@@ -169,6 +174,8 @@ class Gateway:
             except Exception as exc:  # noqa: BLE001 — a lost second of counts, nothing more
                 log.warning("service.rate_sync_failed", error=type(exc).__name__)
         await self.outbound.stop()
+        if self.preparer is not None:
+            await self.preparer.stop()
         if self._checkpoint_task is not None:
             self._checkpoint_task.cancel()
             await asyncio.gather(self._checkpoint_task, return_exceptions=True)
@@ -183,6 +190,7 @@ class Gateway:
         """
         settings = _keep_restart_only(self.settings, settings)
         pipeline = Pipeline(settings, self.store, self.pipeline.clock)
+        pipeline.preparer = self.preparer
         # Every part that hooks into the pipeline attaches again, built from the new settings
         # (copying the old hooks would keep the old departments: KeyError on a new one).
         self.outbound.settings = settings
@@ -211,11 +219,14 @@ def _keep_restart_only(old: Settings, new: Settings) -> Settings:
     """Listener and database cannot change under a running process: keep them, say so."""
     for key, before, after in (("database.url", old.database_url, new.database_url),
                                ("inbound.listen", old.inbound.listen, new.inbound.listen),
+                               ("inbound.parse_helper", old.inbound.parse_helper,
+                                new.inbound.parse_helper),
                                ("submission", old.submission, new.submission)):
         if before != after:
             log.warning("service.reload_needs_restart", key=key)
     return replace(new, database_url=old.database_url, submission=old.submission,
-                   inbound=replace(new.inbound, listen=old.inbound.listen))
+                   inbound=replace(new.inbound, listen=old.inbound.listen,
+                                   parse_helper=old.inbound.parse_helper))
 
 
 async def serve(settings: Settings, reuse_port: bool = False) -> None:

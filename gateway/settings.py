@@ -119,6 +119,8 @@ class InboundSettings:
     trusted_authserv_ids: tuple[str, ...]
     limits: InboundLimits = InboundLimits()  # connections, rates, timeouts (issue 11)
     authentication: AuthSettings = AuthSettings()  # DKIM/SPF/DMARC, forwarders (issue 11)
+    # Small mails' parse and readable view in a helper process (gateway/ingest/prep.py)
+    parse_helper: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,7 +354,8 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
     if not url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
         r.fail("database.url", "must start with sqlite+aiosqlite:// or postgresql+asyncpg://")
     inbound = _section(r, data, "inbound", {"listen", "max_message_bytes",
-                                            "max_attachment_bytes", "trusted_authserv_ids"}
+                                            "max_attachment_bytes", "trusted_authserv_ids",
+                                            "parse_helper"}
                        | LIMIT_KEYS | AUTH_INBOUND_KEYS)
     inbound_settings = InboundSettings(
         listen=_listen(r, inbound, "inbound", "127.0.0.1:2525"),
@@ -361,6 +364,7 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
         trusted_authserv_ids=tuple(r.get(inbound, "trusted_authserv_ids", "inbound", list, [])),
         limits=parse_inbound_limits(r, inbound),
         authentication=parse_auth_settings(r, inbound),
+        parse_helper=r.get(inbound, "parse_helper", "inbound", bool, True),
     )
     tickets = _section(r, data, "tickets", {"tag_format", "follow_up_window_days", "secret",
                                             "secret_file", "scheduler_tick_s"})

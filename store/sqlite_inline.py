@@ -13,12 +13,13 @@ long.
 BEGIN IMMEDIATE is tried on the loop without waiting (busy timeout 0): this process's
 writers already queue in WriterQueue and other deskgate processes on its lock file, so the
 write lock is nearly always free by then; only when it is not (the CLI writing, say) does
-BEGIN wait in a thread. COMMIT (the fsync) runs on the loop while this connection's recent
-commits took under INLINE_COMMIT_S and the transaction carried no big values: a thread hop
-costs up to the GIL's switch interval (5 ms) each way while the loop is busy, and measured
-under load BEGIN and COMMIT in threads held SQLite's write lock ~12 ms per batch for ~0.4 ms
-of fsync, which is what two worker processes queue on. For AFTER_BIG_S after a commit of big
-values every COMMIT goes to a thread: the disk is busy writing them, and fsyncs stall.
+BEGIN wait in a thread. COMMIT (the fsync) runs on the loop only while this connection's
+recent commits took under INLINE_COMMIT_S and the transaction carried no big values; else in
+a thread, so that the loop serves the other sessions during the fsync (which is also when
+the next batch gathers). The threshold was 2 ms: on a day this machine's commits took ~1 ms,
+committing in a thread instead gave +15 % mails/s side by side (bench/ab.py), with two
+worker processes no change. For AFTER_BIG_S after a commit of big values every COMMIT goes
+to a thread: the disk is busy writing them, and fsyncs stall.
 
 It offers the part of aiosqlite's interface that SQLAlchemy's aiosqlite dialect and
 Store.checkpoint use (`create_async_engine(..., async_creator=connect(path))`).
@@ -34,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 BIG_VALUES_BYTES = 64 * 1024
-INLINE_COMMIT_S = 0.002  # commits quicker than this (moving average) stay on the loop
+INLINE_COMMIT_S = 0.0005  # commits quicker than this (moving average) stay on the loop
 # For this long after a commit of big values every COMMIT goes to a thread: the disk is then
 # writing those values back (and the checkpoint copying them), and a small COMMIT's fsync
 # waited behind that 83-162 ms, on the loop, every session with it (traced in the bench's

@@ -32,7 +32,7 @@ from gateway.ingest.identify import (
 )
 from gateway.ingest.model import AttachmentPart, Classification, Envelope, ParsedMail
 from gateway.ingest.offload import BIG_MAIL_BYTES, in_process
-from gateway.ingest.parse import parse
+from gateway.ingest.prep import Prepared, Preparer, parse_and_hash, prepare
 from gateway.ingest.readable import (
     DEFAULT_CID_URL,
     Readable,
@@ -89,14 +89,6 @@ def _unavailable(bound: Any, exc: BaseException) -> StoreUnavailable:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _parse_and_hash(raw: bytes) -> tuple[ParsedMail | None, str, str | None]:
-    sha = _sha256(raw)
-    try:
-        return parse(raw), sha, None
-    except Exception as exc:  # noqa: BLE001 — parse must never raise; if it does, quarantine
-        return None, sha, f"parser failed: {type(exc).__name__}"
 
 
 @dataclass(slots=True)
@@ -190,6 +182,8 @@ class Pipeline:
         self.intercepts: list[Intercept] = []
         self.auth = AuthChecker(settings.inbound.authentication, settings.hostname)
         self.commits = GroupCommit(store)  # concurrent mails share a commit (DESIGN 4)
+        # Small mails' parse and readable view in a helper process (the daemon's; None: here).
+        self.preparer: Preparer | None = None
 
     async def start(self) -> None:
         async with self.store.transaction() as session:
@@ -203,9 +197,13 @@ class Pipeline:
         if not routes:
             return Verdict(Outcome.REJECTED, reason="no recipient is one of our addresses")
         if len(raw) > BIG_MAIL_BYTES:
-            mail, sha, failure = await in_process(_parse_and_hash, raw)  # off the GIL
+            mail, sha, failure = await in_process(parse_and_hash, raw)  # off the GIL
+            prepared = Prepared(mail, sha, failure)
+        elif self.preparer is not None and self.preparer.cid_url == self.cid_url:
+            prepared = await self.preparer.prepare(raw)
         else:
-            mail, sha, failure = _parse_and_hash(raw)
+            prepared = prepare(raw, self.cid_url)
+        mail, sha, failure = prepared.mail, prepared.sha256, prepared.failure
         bound = log.bind(peer=envelope.peer, channel=envelope.channel, raw=sha[:16])
         if mail is None or mail.fatal:
             return await self._quarantine(raw, sha, envelope, failure or str(mail and mail.fatal),
@@ -214,7 +212,7 @@ class Pipeline:
         if len(raw) > BIG_MAIL_BYTES:
             ctx = await asyncio.to_thread(self._context, raw, sha, envelope, mail, routes, auth)
         else:
-            ctx = self._context(raw, sha, envelope, mail, routes, auth)
+            ctx = self._context(raw, sha, envelope, mail, routes, auth, prepared)
         bound = bound.bind(message_id=mail.message_id, department=routes[0].department,
                            rules=[h.rule for h in ctx.classification.hits])
         if len(raw) > BIG_MAIL_BYTES:  # a big mail would hold up a whole batch
@@ -277,15 +275,20 @@ class Pipeline:
         raise StoreUnavailable("store conflict did not settle after 3 attempts")
 
     def _context(self, raw: bytes, sha: str, envelope: Envelope, mail: ParsedMail,
-                 routes: list[Route], auth: AuthOutcome) -> _Context:
+                 routes: list[Route], auth: AuthOutcome, prepared: Prepared | None = None
+                 ) -> _Context:
         sender = normalize_address(mail.from_addr) or normalize_address(envelope.mail_from)
+        if prepared is not None and prepared.view is not None:
+            view, attachments = prepared.view, prepared.attachments
+        else:
+            view, attachments = readable_or_plain(mail, self.cid_url), stored_attachments(mail)
         return _Context(
             raw=raw, sha256=sha, envelope=envelope, mail=mail, routes=routes,
             classification=classify(mail, envelope, self.own_addresses), sender=sender,
             fingerprint=fingerprint(mail),
             reply_to=next(filter(None, map(normalize_address, mail.reply_to)), None),
             authenticated=auth.authenticated, auth_results=auth.header,
-            view=readable_or_plain(mail, self.cid_url), attachments=stored_attachments(mail),
+            view=view, attachments=attachments,
         )
 
     async def _store(self, ctx: _Context, bound: Any) -> Verdict:
@@ -341,7 +344,7 @@ class Pipeline:
         routes = [r for r in map(self.route, envelope.rcpt_tos) if r.accepted]
         if not routes:
             return {"outcome": Outcome.REJECTED.value, "reason": "no recipient is ours"}
-        mail, sha, failure = _parse_and_hash(raw)
+        mail, sha, failure = parse_and_hash(raw)
         if mail is None or mail.fatal:
             return {"outcome": Outcome.QUARANTINED.value, "reason": failure or mail and mail.fatal}
         ctx = self._context(raw, sha, envelope, mail, routes,
