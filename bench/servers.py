@@ -137,6 +137,8 @@ class Server:
             except OSError:
                 continue
             total += int(fields[11]) + int(fields[12])  # utime, stime
+            if pid not in helpers:  # and of its children reaped meanwhile (a helper replaced)
+                total += int(fields[13]) + int(fields[14])  # cutime, cstime
         return total / TICK
 
     def reset_peak(self) -> None:

@@ -182,6 +182,12 @@ class Gateway:
         await self.store.dispose()
         log.info("service.stopped")
 
+    async def abandon(self) -> None:
+        """A start that failed part way: what it started (the helper, the store) ends."""
+        if self.preparer is not None:
+            await self.preparer.stop()
+        await self.store.dispose()
+
     async def reload(self, settings: Settings) -> None:
         """SIGHUP: swap in a pipeline built from new settings; open sessions carry on.
 
@@ -238,10 +244,10 @@ async def serve(settings: Settings, reuse_port: bool = False) -> None:
     try:
         await gateway.start(reuse_port=reuse_port)
     except OSError as exc:
-        await gateway.store.dispose()
+        await gateway.abandon()
         raise DeskgateError(f"cannot listen on {settings.inbound.listen}: {exc.strerror}") from None
     except BaseException:
-        await gateway.store.dispose()
+        await gateway.abandon()
         raise
     freeze_startup_objects()
     await daemon.run()

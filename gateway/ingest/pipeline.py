@@ -52,6 +52,8 @@ from store.engine import CommitFailed, GroupCommit, Store
 from store.models import Message, Quarantine, Ticket
 
 log = structlog.get_logger("deskgate.ingest")
+# A small mail goes to the helper process only while more mails than this are in ingest.
+HELPER_ABOVE_INFLIGHT = 1
 
 
 class Outcome(StrEnum):
@@ -184,6 +186,7 @@ class Pipeline:
         self.commits = GroupCommit(store)  # concurrent mails share a commit (DESIGN 4)
         # Small mails' parse and readable view in a helper process (the daemon's; None: here).
         self.preparer: Preparer | None = None
+        self._ingesting = 0  # mails in ingest() now
 
     async def start(self) -> None:
         async with self.store.transaction() as session:
@@ -193,16 +196,29 @@ class Pipeline:
         return route_recipient(recipient, self.directory)
 
     async def ingest(self, raw: bytes, envelope: Envelope) -> Verdict:
+        self._ingesting += 1
+        try:
+            return await self._ingest(raw, envelope)
+        finally:
+            self._ingesting -= 1
+
+    async def _prepare(self, raw: bytes) -> Prepared:
+        """Parse, hash and readable view: in the helper process when other mails are in flight
+        (the loop has their work to do meanwhile); a mail on its own is quicker here, without
+        the round trip (measured: one session 7 % slower through the helper)."""
+        if len(raw) > BIG_MAIL_BYTES:
+            mail, sha, failure = await in_process(parse_and_hash, raw)  # off the GIL
+            return Prepared(mail, sha, failure)
+        if self.preparer is not None and self.preparer.cid_url == self.cid_url and \
+                self._ingesting > HELPER_ABOVE_INFLIGHT:
+            return await self.preparer.prepare(raw)
+        return prepare(raw, self.cid_url)
+
+    async def _ingest(self, raw: bytes, envelope: Envelope) -> Verdict:
         routes = [r for r in map(self.route, envelope.rcpt_tos) if r.accepted]
         if not routes:
             return Verdict(Outcome.REJECTED, reason="no recipient is one of our addresses")
-        if len(raw) > BIG_MAIL_BYTES:
-            mail, sha, failure = await in_process(parse_and_hash, raw)  # off the GIL
-            prepared = Prepared(mail, sha, failure)
-        elif self.preparer is not None and self.preparer.cid_url == self.cid_url:
-            prepared = await self.preparer.prepare(raw)
-        else:
-            prepared = prepare(raw, self.cid_url)
+        prepared = await self._prepare(raw)
         mail, sha, failure = prepared.mail, prepared.sha256, prepared.failure
         bound = log.bind(peer=envelope.peer, channel=envelope.channel, raw=sha[:16])
         if mail is None or mail.fatal:

@@ -1,20 +1,27 @@
 """A small mail's CPU work before its transaction (MIME parse, hash, readable view) in a
 helper process, so the event loop spends its core on SMTP and the store (issue 10).
 
-Under load these steps were a third of the loop's time (bench/README.md); the helper does
-them on the second core for a pipe round trip and an unpickle, ~50 us of the loop's time
-against ~300 us. The results are the same functions' results: anything that goes wrong with
-the helper (it cannot start, dies, answers late) makes the mail take the in-process path,
-so a mail is never refused or lost because of it.
+Under load these steps were a fifth of the loop's time (bench/README.md); the helper does
+them on the second core for a pipe round trip and an unpickle, a few percent of the loop.
+The results are the same functions' results, and anything that goes wrong with the helper
+leaves the mail to this process, so a mail is never refused or lost because of it: when the
+helper is not running, the mail is prepared on the loop as before; a mail that was with the
+helper when it failed (it died, raised, or gave no answer for ANSWER_TIMEOUT_S) may be what
+failed it, so it is prepared in the big mails' parser pool, off the loop.
 
 Frames both ways: 12 bytes (payload length, request id, big-endian), then the payload: the
-raw mail one way, a pickle of `Prepared` back. The helper answers in order, one at a time.
+raw mail one way, a pickle of `Prepared` back (an empty payload: "could not, do it
+yourself"). The helper answers in order, one at a time. Its greeting carries a fingerprint
+of the code it loaded: after an upgrade on disk a restarted helper could unpickle into
+this process's older classes field by field in the wrong places, so a mismatch is refused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import functools
 import gc
 import hashlib
 import os
@@ -24,23 +31,37 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
 from gateway.ingest.model import AttachmentPart, ParsedMail
+from gateway.ingest.offload import in_process
 from gateway.ingest.parse import parse
 from gateway.ingest.readable import Readable, readable_or_plain, stored_attachments
 
 log = structlog.get_logger("deskgate.ingest")
 
 _FRAME = struct.Struct(">IQ")
-# A parse that takes longer than this has gone wrong (the in-process path would stall every
-# session as long): the helper is restarted and the mail parsed here.
+# No answer at all for this long while requests wait (a parse gone wrong, a frozen helper):
+# the helper is killed and restarted. Time spent queued behind answered requests is progress.
 ANSWER_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 60.0  # the helper imports deskgate and loads the language model (~1 s)
-# After the helper failed, this long without one: a helper that dies at once on start must
-# not be respawned for every mail.
+# After the helper failed, this long without one, doubled for each failure in a row (up to
+# RESTART_PAUSE_MAX_S): a helper that fails at once must not be respawned for every mail.
 RESTART_PAUSE_S = 5.0
+RESTART_PAUSE_MAX_S = 300.0
+
+
+def _code_fingerprint() -> str:
+    """The ingest code this process loaded, read once at import."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+CODE = _code_fingerprint()
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +94,10 @@ def prepare(raw: bytes, cid_url: str) -> Prepared:
 class HelperGone(Exception):
     """The helper cannot answer this request: prepare it in this process."""
 
+    def __init__(self, suspect: bool = False) -> None:
+        super().__init__()
+        self.suspect = suspect  # the mail was with the helper when it failed
+
 
 class Preparer:
     """One helper process and the requests in flight to it."""
@@ -81,9 +106,12 @@ class Preparer:
         self.cid_url = cid_url
         self._process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._waiting: dict[int, asyncio.Future[Prepared]] = {}
         self._next_id = 0
+        self._progress_at = 0.0  # the latest answer, or the write that ended an idle spell
         self._failed_at = float("-inf")
+        self._failures = 0  # in a row, without an answer in between
         self._starting: asyncio.Task[bool] | None = None
         self._stopped = False
         self._reaping: set[asyncio.Future[int]] = set()
@@ -102,18 +130,23 @@ class Preparer:
         """Start the helper and wait until it has loaded what it needs; False if it cannot."""
         process = None
         try:
+            # -P and the path as ours: the helper imports the code this process runs, not a
+            # `gateway` package in its working directory (/var/lib/deskgate is writable).
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "gateway.ingest.prep", self.cid_url,
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+                sys.executable, "-P", "-m", "gateway.ingest.prep", self.cid_url,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
             assert process.stdout is not None
             async with asyncio.timeout(START_TIMEOUT_S):
-                ready = await process.stdout.readexactly(_FRAME.size)
-            if _FRAME.unpack(ready) != (0, 0):
-                raise ValueError("unexpected greeting")
-        except (OSError, EOFError, ValueError) as exc:  # TimeoutError and a missing file too
+                length, _ = _FRAME.unpack(await process.stdout.readexactly(_FRAME.size))
+                code = (await process.stdout.readexactly(length)).decode()
+            if code != CODE:
+                raise ValueError("its code differs from this process's: restart deskgate")
+        except (OSError, EOFError, ValueError, RuntimeError) as exc:  # TimeoutError included
             self._failed_at = time.monotonic()
+            self._failures += 1
             log.warning("ingest.helper_failed", reason=f"start: {type(exc).__name__}",
-                        pid=process and process.pid)
+                        detail=str(exc)[:200] or None, pid=process and process.pid)
             if process is not None:
                 self._kill(process)
             return False
@@ -123,6 +156,7 @@ class Preparer:
             raise
         self._process = process
         self._reader = asyncio.create_task(self._read(process), name="prep-reader")
+        self._watcher = asyncio.create_task(self._watch(process), name="prep-watch")
         log.info("ingest.helper_ready", pid=process.pid)
         return True
 
@@ -143,16 +177,20 @@ class Preparer:
                 self._kill(process)
         if self._reaping:
             await asyncio.wait(self._reaping, timeout=5)
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+        for task in (self._reader, self._watcher):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         self._fail_waiting()
 
     async def prepare(self, raw: bytes) -> Prepared:
-        """The helper's answer; in this process when the helper cannot give one."""
+        """The helper's answer; else prepared here, or in the parser pool if this mail may be
+        what failed the helper."""
         try:
             return await self._ask(raw)
-        except HelperGone:
+        except HelperGone as gone:
+            if gone.suspect:
+                return await in_process(functools.partial(prepare, cid_url=self.cid_url), raw)
             return prepare(raw, self.cid_url)
 
     async def _ask(self, raw: bytes) -> Prepared:
@@ -163,51 +201,68 @@ class Preparer:
         self._next_id += 1
         request = self._next_id
         answer: asyncio.Future[Prepared] = asyncio.get_running_loop().create_future()
+        if not self._waiting:
+            self._progress_at = time.monotonic()  # the helper was idle until now
         self._waiting[request] = answer
         try:
             assert process.stdin is not None
             process.stdin.write(_FRAME.pack(len(raw), request) + raw)
-            await process.stdin.drain()
-            async with asyncio.timeout(ANSWER_TIMEOUT_S):
-                prepared = await answer
-            self.answered += 1
-            return prepared
-        except TimeoutError as exc:  # before OSError, of which it is a subclass
-            self._failed("no answer in time")
-            raise HelperGone from exc
-        except (OSError, RuntimeError) as exc:  # the pipe broke: the helper is gone
-            self._failed(f"write: {type(exc).__name__}")
-            raise HelperGone from exc
+            if process.stdin.transport.get_write_buffer_size():
+                # The pipe is full: a helper that reads nothing more is killed by _watch,
+                # which ends this wait with the pipe's loss.
+                await process.stdin.drain()
+            prepared = await answer  # HelperGone(suspect=True) when the helper failed
+        except (OSError, RuntimeError) as exc:  # the pipe broke
+            self._failed(process, f"write: {type(exc).__name__}")
+            raise HelperGone(suspect=True) from exc
         finally:
             self._waiting.pop(request, None)
+        self.answered += 1
+        return prepared
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        """Kill a helper that answers nothing for ANSWER_TIMEOUT_S while requests wait; a
+        request queued behind answered ones is not late, the helper is working."""
+        while process is self._process:
+            await asyncio.sleep(ANSWER_TIMEOUT_S / 4)
+            if self._waiting and time.monotonic() - self._progress_at >= ANSWER_TIMEOUT_S:
+                self._failed(process, "no answer in time")
 
     async def _read(self, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
         try:
             while True:
                 length, request = _FRAME.unpack(await process.stdout.readexactly(_FRAME.size))
-                prepared = pickle.loads(await process.stdout.readexactly(length))  # noqa: S301 — our own helper
+                data = await process.stdout.readexactly(length)
+                self._progress_at = time.monotonic()
                 answer = self._waiting.get(request)
-                if answer is not None and not answer.done():
-                    answer.set_result(prepared)
+                if answer is None or answer.done():
+                    continue  # its caller went away (session dropped)
+                if not data:  # the helper could not: its traceback is on stderr
+                    answer.set_exception(HelperGone(suspect=True))
+                    continue
+                answer.set_result(pickle.loads(data))  # noqa: S301 — our own helper
+                self._failures = 0
         except Exception as exc:  # noqa: BLE001 — whatever it is, the helper is no use now
-            if self._process is process:
-                self._failed(f"read: {type(exc).__name__}")
+            self._failed(process, f"read: {type(exc).__name__}")
 
-    def _failed(self, reason: str) -> None:
-        """Log once, kill the helper, hand its waiting requests back to their callers."""
-        process, self._process = self._process, None
+    def _failed(self, process: asyncio.subprocess.Process, reason: str) -> None:
+        """Log once, kill the helper, hand its waiting requests back to their callers; about
+        a helper already replaced or stopped, nothing."""
+        if process is not self._process:
+            return
+        self._process = None
         self._failed_at = time.monotonic()
-        if process is not None:
-            log.warning("ingest.helper_failed", reason=reason, pid=process.pid,
-                        returncode=process.returncode)
-            self._kill(process)
+        self._failures += 1
+        log.warning("ingest.helper_failed", reason=reason, pid=process.pid,
+                    returncode=process.returncode, waiting=len(self._waiting))
+        self._kill(process)
         self._fail_waiting()
 
     def _fail_waiting(self) -> None:
         for answer in self._waiting.values():
             if not answer.done():
-                answer.set_exception(HelperGone())
+                answer.set_exception(HelperGone(suspect=True))
         self._waiting.clear()
 
     def _kill(self, process: asyncio.subprocess.Process) -> None:
@@ -221,28 +276,39 @@ class Preparer:
     def _restart_later(self) -> None:
         if self._stopped or self._starting is not None and not self._starting.done():
             return
-        if time.monotonic() - self._failed_at < RESTART_PAUSE_S:
+        pause = min(RESTART_PAUSE_MAX_S, RESTART_PAUSE_S * 2 ** max(0, self._failures - 1))
+        if time.monotonic() - self._failed_at < pause:
             return
         self._failed_at = time.monotonic()
         self._starting = asyncio.create_task(self.start(), name="prep-start")
 
 
+def _die_with_parent() -> None:
+    """SIGKILL when the serving process dies (Linux prctl PR_SET_PDEATHSIG): a helper stuck
+    in a parse would otherwise never read the end of its input."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the parent died before the prctl
+        os._exit(1)
 
 
 def _serve(cid_url: str) -> None:
     """The helper: frames in on stdin, answers out on the original stdout; anything else
     written to stdout (a stray print, a log line) goes to stderr instead."""
     from gateway.ingest.readable import _classify  # noqa: PLC0415
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    _die_with_parent()
+    out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
-    # A stop (Ctrl-C, systemd's SIGTERM to the whole group) is the serving process's to
-    # handle: it drains, and closes our stdin when done; a killed parent closes it too.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A stop (Ctrl-C, a SIGTERM or SIGHUP to the whole group) is the serving process's to
+    # handle: it drains, and closes our stdin when done.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     source = sys.stdin.buffer
     _classify()  # the language model, before the greeting says we are ready
     gc.freeze()  # the model and modules live as long as the helper
-    out.write(_FRAME.pack(0, 0))
+    out.write(_FRAME.pack(len(CODE), 0) + CODE.encode())
+    out.flush()
     while True:
         header = source.read(_FRAME.size)
         if len(header) < _FRAME.size:
@@ -251,8 +317,14 @@ def _serve(cid_url: str) -> None:
         raw = source.read(length)
         if len(raw) < length:
             return
-        data = pickle.dumps(prepare(raw, cid_url), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            data = pickle.dumps(prepare(raw, cid_url), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # noqa: BLE001 — this mail goes back; the next one is served
+            import traceback  # noqa: PLC0415
+            traceback.print_exc()
+            data = b""
         out.write(_FRAME.pack(len(data), request) + data)
+        out.flush()
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ prepared here instead."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +19,15 @@ import pytest
 import structlog
 from sqlalchemy import select
 
+from gateway.ingest import pipeline as pipeline_module
 from gateway.ingest import prep
+from gateway.ingest.model import Envelope
 from gateway.ingest.offload import BIG_MAIL_BYTES
 from gateway.ingest.prep import Preparer, prepare
 from gateway.ingest.readable import DEFAULT_CID_URL
 from gateway.settings import ConfigError, parse_settings
 from store.models import Message
-from tests.conftest import settings_text
+from tests.conftest import ROOT, make_settings, note_offloads, settings_text
 from tests.mailbuild import make_mail, send
 
 CID = DEFAULT_CID_URL
@@ -66,19 +70,24 @@ async def test_the_helper_answers_what_this_process_would_for_every_corpus_mail(
 
 
 async def test_a_helper_killed_mid_request_leaves_every_mail_prepared_here(
-        preparer: Preparer) -> None:
+        preparer: Preparer, monkeypatch: pytest.MonkeyPatch) -> None:
+    offloaded = note_offloads(monkeypatch, prep)
     raw = make_mail(subject="order 1234", body="My order did not arrive. " * 40)
     pid = _pid(preparer)
     os.kill(pid, signal.SIGSTOP)  # holds the requests in flight until the kill
     with structlog.testing.capture_logs() as logs:
         pending = [asyncio.ensure_future(preparer.prepare(raw)) for _ in range(5)]
         await asyncio.sleep(0.2)
+        killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         answers = await asyncio.gather(*pending)
+    assert time.monotonic() - killed < prep.ANSWER_TIMEOUT_S / 4  # the loss, not the timeout
     assert answers == [prepare(raw, CID)] * 5
     assert preparer.answered == 0
     assert not preparer.running
-    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["ingest.helper_failed"]
+    assert [e["reason"] for e in logs if e["log_level"] == "warning"] == [
+        "read: IncompleteReadError"]
+    assert len(offloaded) == 5  # each was with the helper: prepared in the parser pool
 
 
 async def test_a_failed_helper_is_started_again_after_a_pause(
@@ -101,18 +110,67 @@ async def test_a_failed_helper_is_started_again_after_a_pause(
 
 
 async def test_a_helper_that_does_not_answer_in_time_is_killed(
-        preparer: Preparer, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(prep, "ANSWER_TIMEOUT_S", 0.3)
+    offloaded = note_offloads(monkeypatch, prep)
+    helper = Preparer(CID)
+    assert await helper.start()
     raw = make_mail(subject="hello", body="Still waiting for my refund.")
-    pid = _pid(preparer)
+    big = make_mail(subject="hello", body="x" * 200_000)  # more than the pipe holds
+    pid = _pid(helper)
     os.kill(pid, signal.SIGSTOP)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            answers = await asyncio.wait_for(
+                asyncio.gather(helper.prepare(raw), helper.prepare(big)), 5)
+        assert answers == [prepare(raw, CID), prepare(big, CID)]
+        assert [e.get("reason") for e in logs if e["event"] == "ingest.helper_failed"] == [
+            "no answer in time"]
+        assert len(offloaded) == 2
+        await asyncio.sleep(0.2)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed and reaped
+    finally:
+        await helper.stop()
+
+
+async def test_requests_queued_behind_answered_ones_are_not_late(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prep, "ANSWER_TIMEOUT_S", 0.25)
+    helper = Preparer(CID)
+    assert await helper.start()
+    raw = make_mail(body=("A long paragraph about my order and its troubles. " * 12
+                          + "\r\n\r\n") * 200)  # ~2 ms each in the helper
+    try:
+        started = time.monotonic()
+        answers = await asyncio.gather(*(helper.prepare(raw) for _ in range(300)))
+        assert time.monotonic() - started > prep.ANSWER_TIMEOUT_S  # longer than the limit...
+        assert helper.answered == 300 and helper.running  # ...and nothing was late
+        assert answers[-1] == prepare(raw, CID)
+    finally:
+        await helper.stop()
+
+
+async def test_a_caller_that_goes_away_leaves_the_next_answers_right(
+        preparer: Preparer) -> None:
+    first = make_mail(subject="first", body="The first question.")
+    second = make_mail(subject="second", body="The second question.")
+    dropped = asyncio.ensure_future(preparer.prepare(first))
+    await asyncio.sleep(0)
+    dropped.cancel()  # the SMTP session went away
+    assert (await preparer.prepare(second)) == prepare(second, CID)
+    assert preparer.running and not preparer._waiting  # noqa: SLF001
+
+
+async def test_a_helper_running_other_code_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prep, "CODE", "code-before-an-upgrade")
+    helper = Preparer(CID)
     with structlog.testing.capture_logs() as logs:
-        assert await preparer.prepare(raw) == prepare(raw, CID)
-    assert [e.get("reason") for e in logs if e["event"] == "ingest.helper_failed"] == [
-        "no answer in time"]
-    await asyncio.sleep(0.2)
-    with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)  # killed and reaped
+        assert not await helper.start()
+    assert [e["detail"] for e in logs if e["event"] == "ingest.helper_failed"] == [
+        "its code differs from this process's: restart deskgate"]
+    await helper.stop()
+    assert _helpers() == set()
 
 
 async def test_a_helper_that_cannot_start_leaves_the_work_here(
@@ -128,23 +186,70 @@ async def test_a_helper_that_cannot_start_leaves_the_work_here(
     await helper.stop()
 
 
+def _helpers() -> set[int]:
+    """This process's children that are helpers."""
+    found = set()
+    for task in Path("/proc/self/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                if b"gateway.ingest.prep" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.add(int(child))
+    return found
+
+
 async def test_a_stop_ends_the_helper_and_a_stop_while_it_starts_kills_it() -> None:
+    before = _helpers()
     helper = Preparer(CID)
     assert await helper.start()
     process = helper._process  # noqa: SLF001
-    assert process is not None
+    assert process is not None and _helpers() - before == {process.pid}
     await helper.stop()
     assert process.returncode == 0  # it read the end of its input and returned
-    assert not helper.running
+    assert _helpers() == before
 
     starting = Preparer(CID)
     starting.launch()
-    await asyncio.sleep(0.05)  # spawned, still loading
+    for _ in range(100):  # spawned, still loading
+        if _helpers() - before:
+            break
+        await asyncio.sleep(0.01)
+    assert _helpers() - before
     await starting.stop()
-    assert not starting.running
+    assert _helpers() == before
     raw = make_mail(subject="hello", body="After the stop.")
     assert await starting.prepare(raw) == prepare(raw, CID)  # no restart once stopped
     assert starting._starting is not None and starting._starting.done()  # noqa: SLF001
+
+
+async def test_the_helper_dies_with_its_serving_process(tmp_path: Path) -> None:
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import asyncio\n"
+        "from gateway.ingest.prep import Preparer\n"
+        "async def main():\n"
+        "    helper = Preparer('/a/{sha256}')\n"
+        "    assert await helper.start()\n"
+        "    print('helper', helper._process.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n")
+    parent = await asyncio.create_subprocess_exec(sys.executable, str(script), cwd=ROOT,
+                                                  stdout=asyncio.subprocess.PIPE)
+    assert parent.stdout is not None
+    line = b""
+    while not line.startswith(b"helper "):  # structlog's lines come first
+        line = await asyncio.wait_for(parent.stdout.readline(), 60)
+    pid = int(line.split()[1])
+    os.kill(pid, signal.SIGSTOP)  # stuck: it would never read the end of its input
+    parent.kill()
+    await parent.wait()
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists() or \
+                Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the helper outlived its serving process")
 
 
 async def _helper_ready(helper: Preparer) -> None:
@@ -155,7 +260,9 @@ async def _helper_ready(helper: Preparer) -> None:
     raise AssertionError("the daemon's helper did not start")
 
 
-async def test_the_daemon_stores_a_mail_its_helper_prepared(make_gateway: Any) -> None:
+async def test_the_daemon_stores_a_mail_its_helper_prepared(
+        make_gateway: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline_module, "HELPER_ABOVE_INFLIGHT", 0)  # even a mail alone
     gateway = await make_gateway()
     await _helper_ready(gateway.preparer)
     reply = await send(gateway.inbound_port, make_mail(subject="Bestellung", body=GERMAN))
@@ -192,3 +299,51 @@ def test_parse_helper_must_be_true_or_false() -> None:
         parse_settings(text, "t.toml")
     assert [p.split(": ", 1)[1] for p in caught.value.problems] == [
         "inbound.parse_helper: must be true/false, not 'yes'"]
+
+
+async def test_a_mail_alone_is_prepared_here_and_mails_together_in_the_helper(
+        make_gateway: Any) -> None:
+    gateway = await make_gateway()
+    await _helper_ready(gateway.preparer)
+    envelope = Envelope(mail_from="jess@example.org", rcpt_tos=("support@example.test",),
+                        peer="test", channel="smtp")
+    verdict = await gateway.pipeline.ingest(make_mail(subject="alone", body=GERMAN), envelope)
+    assert verdict.ticket_number is not None
+    assert gateway.preparer.answered == 0  # nothing else in flight: no round trip
+    verdicts = await asyncio.gather(*(
+        gateway.pipeline.ingest(make_mail(subject=f"together {n}", body=GERMAN), envelope)
+        for n in range(5)))
+    assert len({v.ticket_number for v in verdicts}) == 5
+    # The first of them found nothing else in flight; the others found it still there.
+    assert 1 <= gateway.preparer.answered <= 4
+
+
+async def test_a_reload_keeps_the_helper(make_gateway: Any, monkeypatch: pytest.MonkeyPatch,
+                                         db_url: str) -> None:
+    monkeypatch.setattr(pipeline_module, "HELPER_ABOVE_INFLIGHT", 0)
+    gateway = await make_gateway()
+    await _helper_ready(gateway.preparer)
+    helper = gateway.preparer._process  # noqa: SLF001
+    await gateway.reload(make_settings(db_url))
+    assert gateway.pipeline.preparer is gateway.preparer
+    reply = await send(gateway.inbound_port, make_mail(subject="after reload", body=GERMAN))
+    assert reply.code == 250
+    assert gateway.preparer.answered == 1
+    assert gateway.preparer._process is helper  # noqa: SLF001
+
+
+async def test_a_start_that_fails_part_way_leaves_no_helper(sqlite_url: str) -> None:
+    from gateway.service import Gateway
+
+    before = _helpers()
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    busy = blocker.sockets[0].getsockname()[1]
+    gateway = Gateway(make_settings(sqlite_url))
+    try:
+        with pytest.raises(OSError):
+            await gateway.start(port=busy)
+        assert _helpers() - before  # the helper was on its way
+        await gateway.abandon()
+        assert _helpers() == before
+    finally:
+        blocker.close()
