@@ -3,8 +3,9 @@
 Usage: python bench/ab.py NAME=DIR [NAME=DIR ...]   (DIR holds gateway/ and store/;
 AB_ENV_NAME="KEY=VALUE KEY2=VALUE2" adds to that server's environment, e.g. to compare one
 tree with and without a GLIBC_TUNABLES setting; AB_WORKERS=2 serves each with `--workers 2`)
-Each tree serves on its own port and database; smtp-source (20 sessions, 5 KB) loads them
-in turn, A B C, C B A, ... Prints mails/s per round and CPU seconds per 1,000 mails.
+Each tree serves on its own port and database; smtp-source (20 sessions, 5 KB: AB_SESSIONS,
+AB_KB) loads them in turn, A B C, C B A, ... Prints mails/s per round and CPU seconds per
+1,000 mails.
 AB_MODE=big runs the big-mail phase of `make bench` instead (5 mails of 10 MiB at once with
 BENCH_QUICK=1, else 20 of 20 MiB; small mails alongside): small-mail p99 alone and with big
 mails, per round and median. The servers keep their databases from round to round.
@@ -26,6 +27,7 @@ from servers import ROOT, Server, sqlite_url, start_deskgate  # noqa: E402
 ROUNDS = int(os.environ.get("AB_ROUNDS", "4"))
 RUN_S = float(os.environ.get("AB_RUN_S", "4"))
 SESSIONS = int(os.environ.get("AB_SESSIONS", "20"))
+SIZE = int(os.environ.get("AB_KB", "5")) * 1024
 MODE = os.environ.get("AB_MODE", "throughput")
 WORKERS = int(os.environ.get("AB_WORKERS", "1"))
 
@@ -47,7 +49,7 @@ def main(pairs: list[str]) -> None:
         for rnd in range(ROUNDS):
             for server in servers if rnd % 2 == 0 else servers[::-1]:
                 cpu0 = server.cpu_s()
-                done, elapsed = smtp_source_for(server.port, SESSIONS, 5 * 1024, RUN_S)
+                done, elapsed = smtp_source_for(server.port, SESSIONS, SIZE, RUN_S)
                 rates[server.name].append(done / elapsed)
                 cpu[server.name].append(1000 * (server.cpu_s() - cpu0) / max(1, done))
         base = statistics.median(rates[servers[0].name])
