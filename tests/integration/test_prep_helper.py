@@ -136,11 +136,26 @@ async def test_a_helper_that_does_not_answer_in_time_is_killed(
 
 async def test_requests_queued_behind_answered_ones_are_not_late(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prep, "ANSWER_TIMEOUT_S", 0.25)
+    monkeypatch.setattr(prep, "ANSWER_TIMEOUT_S", 0.4)
     helper = Preparer(CID)
     assert await helper.start()
+    pid = _pid(helper)
     raw = make_mail(body=("A long paragraph about my order and its troubles. " * 12
-                          + "\r\n\r\n") * 200)  # ~2 ms each in the helper
+                          + "\r\n\r\n") * 200)  # 1-3 ms each in the helper
+
+    async def slow_but_alive() -> None:
+        """Paused 0.1 s, working 0.05 s, over and over: never silent for the limit, and the
+        requests' work (0.3 s or more) spans several pauses."""
+        try:
+            while True:
+                os.kill(pid, signal.SIGSTOP)
+                await asyncio.sleep(0.1)
+                os.kill(pid, signal.SIGCONT)
+                await asyncio.sleep(0.05)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    toggling = asyncio.ensure_future(slow_but_alive())
     try:
         started = time.monotonic()
         answers = await asyncio.gather(*(helper.prepare(raw) for _ in range(300)))
@@ -148,6 +163,8 @@ async def test_requests_queued_behind_answered_ones_are_not_late(
         assert helper.answered == 300 and helper.running  # ...and nothing was late
         assert answers[-1] == prepare(raw, CID)
     finally:
+        toggling.cancel()
+        await asyncio.gather(toggling, return_exceptions=True)
         await helper.stop()
 
 
