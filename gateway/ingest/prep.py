@@ -133,7 +133,7 @@ class Preparer:
             # -P and the path as ours: the helper imports the code this process runs, not a
             # `gateway` package in its working directory (/var/lib/deskgate is writable).
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-P", "-m", "gateway.ingest.prep", self.cid_url,
+                sys.executable, "-P", "-m", "gateway.ingest.prep", self.cid_url, str(os.getpid()),
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
             assert process.stdout is not None
@@ -283,21 +283,21 @@ class Preparer:
         self._starting = asyncio.create_task(self.start(), name="prep-start")
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """SIGKILL when the serving process dies (Linux prctl PR_SET_PDEATHSIG): a helper stuck
     in a parse would otherwise never read the end of its input."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before the prctl
+    if os.getppid() != parent:  # it died before the prctl (deskgate may be pid 1 itself)
         os._exit(1)
 
 
-def _serve(cid_url: str) -> None:
+def _serve(cid_url: str, parent: int) -> None:
     """The helper: frames in on stdin, answers out on the original stdout; anything else
     written to stdout (a stray print, a log line) goes to stderr instead."""
     from gateway.ingest.readable import _classify  # noqa: PLC0415
-    _die_with_parent()
+    _die_with_parent(parent)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     # A stop (Ctrl-C, a SIGTERM or SIGHUP to the whole group) is the serving process's to
@@ -332,4 +332,4 @@ if __name__ == "__main__":
     # classes, not __main__'s.
     from gateway.ingest import prep  # noqa: PLW0406
     with contextlib.suppress(BrokenPipeError):
-        prep._serve(sys.argv[1])  # noqa: SLF001
+        prep._serve(sys.argv[1], int(sys.argv[2]))  # noqa: SLF001

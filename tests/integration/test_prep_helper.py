@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import csv
 import os
+import shutil
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from gateway.ingest.prep import Preparer, prepare
 from gateway.ingest.readable import DEFAULT_CID_URL
 from gateway.settings import ConfigError, parse_settings
 from store.models import Message
-from tests.conftest import ROOT, make_settings, note_offloads, settings_text
+from tests.conftest import ROOT, make_settings, need_peer, note_offloads, settings_text
 from tests.mailbuild import make_mail, send
 
 CID = DEFAULT_CID_URL
@@ -364,3 +365,24 @@ async def test_a_start_that_fails_part_way_leaves_no_helper(sqlite_url: str) -> 
         assert _helpers() == before
     finally:
         blocker.close()
+
+
+async def test_a_helper_starts_when_deskgate_is_pid_1(tmp_path: Path) -> None:
+    """In a container deskgate may be pid 1: its helper's parent is then pid 1 as well."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        need_peer("unshare (util-linux)", "not on PATH")
+    script = tmp_path / "pid1.py"
+    script.write_text(
+        "import asyncio, os\n"
+        "from gateway.ingest.prep import Preparer\n"
+        "async def main():\n"
+        "    helper = Preparer('/a/{sha256}')\n"
+        "    print('pid', os.getpid(), 'started', await helper.start(), flush=True)\n"
+        "    await helper.stop()\n"
+        "asyncio.run(main())\n")
+    run = await asyncio.create_subprocess_exec(
+        str(unshare), "--pid", "--fork", "--mount-proc", sys.executable, str(script), cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+    out, _ = await asyncio.wait_for(run.communicate(), 60)
+    assert b"pid 1 started True" in out, out
