@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -117,7 +118,8 @@ class _Context:
     # the transaction.
     attachments: tuple[AttachmentPart, ...] = ()
     # A big mail's values committed in pieces already (_keep_in_parts): the raw bytes' count
-    # of pieces, and each parted attachment's sha256 and count, by its index in attachments.
+    # of pieces, and each attachment's sha256 and count of pieces (0: over the attachment
+    # limit, not kept) by its index in attachments, for attachments over a piece's size.
     raw_parts: int = 0
     attachment_parts: dict[int, tuple[str, int]] = field(default_factory=dict)
 
@@ -206,9 +208,8 @@ class Pipeline:
         """Parse, hash and readable view: in the helper process when other mails are in flight
         (the loop has their work to do meanwhile); a mail on its own is quicker here, without
         the round trip (measured: one session 7-10 % slower through the helper)."""
-        if len(raw) > BIG_MAIL_BYTES:
-            mail, sha, failure = await in_process(parse_and_hash, raw)  # off the GIL
-            return Prepared(mail, sha, failure)
+        if len(raw) > BIG_MAIL_BYTES:  # off the GIL: in a thread it would hold it in turns
+            return await in_process(functools.partial(prepare, cid_url=self.cid_url), raw)
         if self.preparer is not None and self.preparer.cid_url == self.cid_url and \
                 self._ingesting > HELPER_ABOVE_INFLIGHT:
             return await self.preparer.prepare(raw)
@@ -225,10 +226,7 @@ class Pipeline:
             return await self._quarantine(raw, sha, envelope, failure or str(mail and mail.fatal),
                                           bound)
         auth = await self.auth.check(raw, mail, envelope)  # DNS: in a thread, time-bounded
-        if len(raw) > BIG_MAIL_BYTES:
-            ctx = await asyncio.to_thread(self._context, raw, sha, envelope, mail, routes, auth)
-        else:
-            ctx = self._context(raw, sha, envelope, mail, routes, auth, prepared)
+        ctx = self._context(raw, sha, envelope, mail, routes, auth, prepared)
         bound = bound.bind(message_id=mail.message_id, department=routes[0].department,
                            rules=[h.rule for h in ctx.classification.hits])
         if len(raw) > BIG_MAIL_BYTES:  # a big mail would hold up a whole batch
@@ -247,9 +245,10 @@ class Pipeline:
         try:
             ctx.raw_parts = await blobs.keep_in_parts(self.store, ctx.sha256, ctx.raw, now)
             for index, part in enumerate(ctx.attachments):
-                if blobs.PART_BYTES < len(part.payload) <= limit:
+                if len(part.payload) > blobs.PART_BYTES:  # hashed off the loop, either way
                     sha = await asyncio.to_thread(_sha256, part.payload)
-                    count = await blobs.keep_in_parts(self.store, sha, part.payload, now)
+                    count = await blobs.keep_in_parts(self.store, sha, part.payload, now) \
+                        if len(part.payload) <= limit else 0  # over the limit: not kept
                     ctx.attachment_parts[index] = (sha, count)
         except (SQLAlchemyError, OSError) as exc:
             raise _unavailable(bound, exc) from exc

@@ -216,3 +216,30 @@ async def test_each_piece_calls_the_checkpointer_at_once(sqlite_url: str,
         # the pool goes; otherwise the garbage collector finds that connection later.
         await asyncio.gather(ticking, return_exceptions=True)
         await store.dispose()
+
+
+async def test_an_attachment_over_the_limit_is_hashed_off_the_loop(
+        make_gateway: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Over a piece's size an attachment's hash is taken in a thread before the mail's
+    # transaction, kept or not: a 37 MiB one over the limit, hashed on the loop inside the
+    # transaction, stalled every session (bench/run.py's 50 MiB mail).
+    import threading
+
+    from gateway.ingest import pipeline
+
+    hashed_on: list[int] = []
+    real = pipeline._sha256
+
+    def spy(data: bytes) -> str:
+        hashed_on.append(threading.get_ident())
+        return real(data)
+
+    monkeypatch.setattr(pipeline, "_sha256", spy)
+    gw = await make_gateway()  # max_attachment_bytes = 65536
+    payload = bytes(range(256)) * 6_000  # 1.5 MiB
+    assert (await gw.pipeline.ingest(_big_mail(payload), ENVELOPE)).outcome is Outcome.STORED
+    async with gw.store.read() as session:
+        row = (await session.scalars(select(Attachment))).one()
+    assert (row.content, row.parts, row.size) == (None, 0, len(payload))
+    assert row.sha256 == hashlib.sha256(payload).hexdigest()
+    assert hashed_on and threading.get_ident() not in hashed_on

@@ -56,3 +56,20 @@ async def test_ticket_show_prints_the_new_words_and_full_prints_everything(
     full = capsys.readouterr().out
     assert "nicht angekommen" in short and "versandt" not in short
     assert "nicht angekommen" in full and "versandt" in full
+
+
+async def test_a_big_mail_gets_the_same_views_from_the_parser_process(sqlite_url: str) -> None:
+    # Over BIG_MAIL_BYTES the parse, quote cut, language guess and attachments are made in
+    # the parser process (offload.in_process), not on the loop: the views are the same.
+    from gateway.ingest.offload import BIG_MAIL_BYTES
+
+    png = b"PNG" + b"".join(b"%075d\r\n" % i for i in range(4_000))  # 300 KiB, CRLF lines
+    raw = GERMAN_REPLY_WITH_LOGO.replace(b"\r\n\r\nPNG\r\n", b"\r\n\r\n" + png + b"\r\n")
+    assert len(raw) > BIG_MAIL_BYTES
+    message = (await _ingest_and_show(sqlite_url, raw))["thread"][0]
+    assert message["visible_text"] == "Das Paket ist leider noch immer nicht angekommen."
+    assert message["language"] == "de"
+    assert "<script" not in message["html_safe"] and "tracker.example" not in message["html_safe"]
+    assert f'/attachments/{hashlib.sha256(png).hexdigest()}' in message["html_safe"]
+    assert [(a["content_id"], a["inline"], a["size"]) for a in message["attachments"]] == [
+        ("logo@x", True, len(png))]

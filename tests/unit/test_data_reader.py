@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -87,6 +89,41 @@ def test_a_big_mail_in_socket_sized_reads() -> None:
     assert content == b"Subject: big\r\n\r\n" + body
 
 
+def test_a_big_mail_is_copied_by_the_kernel_in_a_thread(monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    # Over KERNEL_COPY_BYTES the final copy is made off the loop's thread, with the GIL
+    # released; the content is the same, dot-unstuffing included.
+    threads: list[int] = []
+    real = data_reader._copy_by_kernel
+
+    def spy(data: bytearray) -> bytes:
+        threads.append(threading.get_ident())
+        return real(data)
+
+    monkeypatch.setattr(data_reader, "_copy_by_kernel", spy)
+    body = b"".join(b"..line %d\r\n" % i for i in range(150_000))  # ~1.6 MB, every line stuffed
+    stream = b"Subject: big\r\n\r\n" + body + b".\r\nQUIT\r\n"
+
+    async def read() -> tuple[tuple[DataState, bytes, bytes], int]:
+        return await chunked(stream, list(range(0, len(stream), 65_536)), None), \
+            threading.get_ident()
+
+    (state, content, rest), loop_thread = asyncio.run(read())
+    assert (state, rest) == (DataState.NOMINAL, b"QUIT\r\n")
+    assert content == b"Subject: big\r\n\r\n" + (b"\r\n" + body).replace(b"\r\n..", b"\r\n.")[2:]
+    assert len(threads) == 1 and threads[0] != loop_thread
+    small = run(b"Subject: small\r\n\r\nhi\r\n.\r\n", [])
+    assert small[1] == b"Subject: small\r\n\r\nhi\r\n" and len(threads) == 1  # on the loop
+
+
+def test_the_kernel_copy_takes_short_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: real_pread(fd, min(n, 1000), at))
+    data = bytearray(bytes(range(256)) * 40)
+    assert data_reader._copy_by_kernel(data) == bytes(range(256)) * 40
+    assert data == bytearray()  # emptied: at most two copies of a mail at any time
+
+
 def test_a_line_over_the_limit_answers_too_long_after_the_whole_mail() -> None:
     stream = b"Subject: x\r\nX-Long: " + b"a" * 5000 + b"\r\nbody\r\n.\r\nQUIT\r\n"
     assert run(stream, [100, 2000]) == (DataState.TOO_LONG, b"", b"QUIT\r\n")
@@ -115,6 +152,9 @@ def test_same_as_aiosmtpd_for_any_mail_and_any_split(body: list[bytes], cuts: li
     stream = mail + b".\r\n" + b"RSET\r\n"  # a "." line inside the mail ends it earlier
     state, content, rest = run(stream, cuts, size_limit)
     expected_state, expected_content, expected_rest = reference(stream, size_limit)
+    with pytest.MonkeyPatch.context() as patch:  # the kernel's copy gives the same
+        patch.setattr(data_reader, "KERNEL_COPY_BYTES", 0)
+        assert run(stream, cuts, size_limit) == (state, content, rest)
     assert (content, rest) == (expected_content, expected_rest)
     # Over both limits, which one is named may differ (per read here, per line there).
     assert (state is DataState.NOMINAL) == (expected_state is DataState.NOMINAL)
