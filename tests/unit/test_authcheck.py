@@ -3,6 +3,7 @@ ARC, the stored header, and the live resolver's budget against a real UDP DNS se
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import threading
@@ -519,3 +520,46 @@ def test_live_resolver_serves_stale_and_backs_off_when_dns_is_gone(tiny_dns: Tin
     with pytest.raises(DnsTempError, match="backing off"):
         resolver.query("c.example", "TXT", 0.2)
     assert time.monotonic() - started < 0.05 and tiny_dns.asked == asked
+
+
+async def test_a_check_whose_names_are_all_cached_runs_on_the_loop(
+        tiny_dns: TinyDns, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first mail of a sender asks DNS in a thread; the next, every name fresh in the
+    cache, is checked on the loop without one; once the cache has expired, in a thread again.
+    Same verdict each time."""
+    threads: list[str] = []
+    real = asyncio.to_thread
+
+    async def counted(function: Any, *args: Any) -> Any:
+        threads.append(function.__name__)
+        return await real(function, *args)
+
+    monkeypatch.setattr(authcheck.asyncio, "to_thread", counted)
+    raw = (b"From: jess@example.org\r\nTo: support@example.test\r\nSubject: hi\r\n"
+           b"Message-ID: <c1@example.org>\r\n\r\nhello\r\n")
+    checker = AuthChecker(AuthSettings(), "deskgate.test", live(tiny_dns))
+    first = await checker.check(raw, parse(raw), envelope("192.0.2.1:40000"))
+    asked = tiny_dns.asked
+    assert threads == ["check_sync"] and asked >= 2  # SPF and DMARC at least
+    again = await checker.check(raw, parse(raw), envelope("192.0.2.1:40000"))
+    assert threads == ["check_sync"] and tiny_dns.asked == asked  # no thread, no question
+    assert (again.authenticated, again.header) == (first.authenticated, first.header)
+    assert "dmarc=fail" in again.header and again.authenticated is False
+
+    resolver = checker.resolver
+    assert isinstance(resolver, LiveResolver)
+    for key, (_, values) in list(resolver._cache.items()):
+        resolver._cache[key] = (0.0, values)  # expired
+    expired = await checker.check(raw, parse(raw), envelope("192.0.2.1:40000"))
+    assert threads == ["check_sync", "check_sync"] and tiny_dns.asked > asked
+    assert (expired.authenticated, expired.header) == (first.authenticated, first.header)
+
+
+async def test_a_name_that_times_out_is_asked_in_a_thread_not_cached_as_an_answer() -> None:
+    # The table's "never answers" name misses the cache: the check goes to a thread, where
+    # it times out as before (temperror), rather than answering from the loop.
+    resolver = table()
+    resolver.timeouts = {"_dmarc.example.org"}
+    raw = (b"From: jess@example.org\r\nTo: support@example.test\r\nSubject: hi\r\n\r\nx\r\n")
+    outcome = await check_async(raw, resolver, dns_timeout_s=0.2)
+    assert "dmarc=temperror" in outcome.header
