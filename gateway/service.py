@@ -20,6 +20,7 @@ from gateway.inbound.imap_alert import AlertMail
 from gateway.inbound.imap_history import HistoryHook
 from gateway.inbound.limits import RateLimiter
 from gateway.inbound.smtp import InboundHandler, start_inbound
+from gateway.ingest.authcheck import org_domain
 from gateway.ingest.pipeline import Pipeline
 from gateway.ingest.prep import Preparer
 from gateway.ingest.readable import warm_up
@@ -238,6 +239,8 @@ def _keep_restart_only(old: Settings, new: Settings) -> Settings:
 async def serve(settings: Settings, reuse_port: bool = False) -> None:
     return_big_buffers()
     warm_up()  # the language model, ~0.3 s: else the first mail stalls every session for it
+    if settings.inbound.authentication.mode != "off":
+        org_domain("example.com")  # the public suffix list, ~50 ms: checks run on the loop
     gateway = Gateway(settings)
     daemon = Daemon(gateway, lambda: load_settings(Path(settings.source)))
     daemon.install_signals()  # before start: a SIGTERM during start-up drains, not kills
