@@ -44,11 +44,17 @@ DRAIN_POLL_S = 0.05
 class Gateway:
     """One deskgate instance: store, pipeline, inbound listener."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], datetime] | None = None,
+                 shares_port: bool = False) -> None:
         self.settings = settings
         self.store = Store(settings.database_url)
         self.pipeline = Pipeline(settings, self.store, clock or (lambda: datetime.now(UTC)))
-        self.preparer = Preparer(self.pipeline.cid_url) if settings.inbound.parse_helper else None
+        # Unset: a helper for one serving process only. Workers sharing the port use both
+        # cores already; a helper each made them 10 % slower (bench/ab.py, AB_WORKERS=2).
+        helper = settings.inbound.parse_helper
+        if helper is None:
+            helper = not shares_port
+        self.preparer = Preparer(self.pipeline.cid_url) if helper else None
         self.pipeline.preparer = self.preparer
         self.handler = InboundHandler(self.pipeline)
         self.server: asyncio.Server | None = None
@@ -241,7 +247,7 @@ async def serve(settings: Settings, reuse_port: bool = False) -> None:
     warm_up()  # the language model, ~0.3 s: else the first mail stalls every session for it
     if settings.inbound.authentication.mode != "off":
         org_domain("example.com")  # the public suffix list, ~50 ms: checks run on the loop
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, shares_port=reuse_port)
     daemon = Daemon(gateway, lambda: load_settings(Path(settings.source)))
     daemon.install_signals()  # before start: a SIGTERM during start-up drains, not kills
     try:

@@ -119,8 +119,9 @@ class InboundSettings:
     trusted_authserv_ids: tuple[str, ...]
     limits: InboundLimits = InboundLimits()  # connections, rates, timeouts (issue 11)
     authentication: AuthSettings = AuthSettings()  # DKIM/SPF/DMARC, forwarders (issue 11)
-    # Small mails' parse and readable view in a helper process (gateway/ingest/prep.py)
-    parse_helper: bool = True
+    # Small mails' parse and readable view in a helper process (gateway/ingest/prep.py);
+    # None: on for one serving process, off for workers sharing the port (Gateway)
+    parse_helper: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,7 +365,7 @@ def parse_settings(text: str, source: str = "<config>") -> Settings:
         trusted_authserv_ids=tuple(r.get(inbound, "trusted_authserv_ids", "inbound", list, [])),
         limits=parse_inbound_limits(r, inbound),
         authentication=parse_auth_settings(r, inbound),
-        parse_helper=r.get(inbound, "parse_helper", "inbound", bool, True),
+        parse_helper=r.get(inbound, "parse_helper", "inbound", bool, None),
     )
     tickets = _section(r, data, "tickets", {"tag_format", "follow_up_window_days", "secret",
                                             "secret_file", "scheduler_tick_s"})

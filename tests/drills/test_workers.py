@@ -24,12 +24,63 @@ def _workers(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-async def test_two_workers_share_the_port_and_stop_cleanly(db_url: str, tmp_path: Path) -> None:
+def _helpers(pid: int) -> list[int]:
+    """Parse helpers (gateway/ingest/prep.py) among the children of process pid."""
+    found = []
+    for child in _workers(pid):
+        try:
+            if b"gateway.ingest.prep" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except FileNotFoundError:  # gone meanwhile
+            continue
+    return found
+
+
+def _config(db_url: str, tmp_path: Path) -> tuple[Path, int]:
     port = _free_port()
     config = tmp_path / "deskgate.toml"
     config.write_text(settings_text(db_url).replace("127.0.0.1:0", f"127.0.0.1:{port}", 1))
     subprocess.run([sys.executable, "-m", "gateway.cli", "--config", str(config), "db",
                     "upgrade"], check=True, capture_output=True)
+    return config, port
+
+
+async def test_one_serving_process_has_a_parse_helper_workers_sharing_the_port_have_none(
+        db_url: str, tmp_path: Path) -> None:
+    """Unset, parse_helper is on for one serving process and off for `--workers 2`: there a
+    helper each took the cores the workers use (10 % slower, bench/ab.py AB_WORKERS=2)."""
+    config, port = _config(db_url, tmp_path)
+    alone = await _start(config, port)
+    try:
+        for _ in range(200):
+            if _helpers(alone.pid):
+                break
+            await asyncio.sleep(0.05)
+        assert len(_helpers(alone.pid)) == 1
+    finally:
+        alone.send_signal(signal.SIGTERM)
+        assert alone.wait(timeout=60) == 0
+    supervisor = await _start(config, port, "--workers", "2")
+    try:
+        for _ in range(100):
+            if len(_workers(supervisor.pid)) == 2:
+                break
+            await asyncio.sleep(0.05)
+        workers = _workers(supervisor.pid)
+        assert len(workers) == 2
+        replies = await asyncio.gather(*(send(port, make_mail(subject=f"Worker {i}"))
+                                         for i in range(6)))
+        assert [r.code for r in replies] == [250] * 6
+        for _ in range(40):  # the helper starts with its serving process: 2 s is ample
+            assert [_helpers(w) for w in workers] == [[], []]
+            await asyncio.sleep(0.05)
+    finally:
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(timeout=60) == 0
+
+
+async def test_two_workers_share_the_port_and_stop_cleanly(db_url: str, tmp_path: Path) -> None:
+    config, port = _config(db_url, tmp_path)
     supervisor = await _start(config, port, "--workers", "2")
     try:
         for _ in range(100):  # both workers up before the mails go out
