@@ -6,6 +6,7 @@ import asyncio
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,13 @@ def _helpers(pid: int) -> list[int]:
     return found
 
 
+async def _until(ready: Callable[[], bool], tries: int = 100, every_s: float = 0.05) -> None:
+    for _ in range(tries):
+        if ready():
+            return
+        await asyncio.sleep(every_s)
+
+
 def _config(db_url: str, tmp_path: Path) -> tuple[Path, int]:
     port = _free_port()
     config = tmp_path / "deskgate.toml"
@@ -52,20 +60,14 @@ async def test_one_serving_process_has_a_parse_helper_workers_sharing_the_port_h
     config, port = _config(db_url, tmp_path)
     alone = await _start(config, port)
     try:
-        for _ in range(200):
-            if _helpers(alone.pid):
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: bool(_helpers(alone.pid)), tries=200)
         assert len(_helpers(alone.pid)) == 1
     finally:
         alone.send_signal(signal.SIGTERM)
         assert alone.wait(timeout=60) == 0
     supervisor = await _start(config, port, "--workers", "2")
     try:
-        for _ in range(100):
-            if len(_workers(supervisor.pid)) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: len(_workers(supervisor.pid)) == 2)
         workers = _workers(supervisor.pid)
         assert len(workers) == 2
         replies = await asyncio.gather(*(send(port, make_mail(subject=f"Worker {i}"))
@@ -83,10 +85,7 @@ async def test_two_workers_share_the_port_and_stop_cleanly(db_url: str, tmp_path
     config, port = _config(db_url, tmp_path)
     supervisor = await _start(config, port, "--workers", "2")
     try:
-        for _ in range(100):  # both workers up before the mails go out
-            if len(_workers(supervisor.pid)) == 2:
-                break
-            await asyncio.sleep(0.05)
+        await _until(lambda: len(_workers(supervisor.pid)) == 2)  # both up before the mails
         assert len(_workers(supervisor.pid)) == 2
         replies = await asyncio.gather(*(send(port, make_mail(subject=f"Worker {i}"))
                                          for i in range(12)))
