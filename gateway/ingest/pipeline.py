@@ -225,7 +225,7 @@ class Pipeline:
         if mail is None or mail.fatal:
             return await self._quarantine(raw, sha, envelope, failure or str(mail and mail.fatal),
                                           bound)
-        auth = await self.auth.check(raw, mail, envelope)  # DNS: in a thread, time-bounded
+        auth = await self.auth.check(raw, mail, envelope)  # from the DNS cache, else a thread
         ctx = self._context(raw, sha, envelope, mail, routes, auth, prepared)
         bound = bound.bind(message_id=mail.message_id, department=routes[0].department,
                            rules=[h.rule for h in ctx.classification.hits])
