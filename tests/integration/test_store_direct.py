@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import bindparam, select, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import select, text
 
 from gateway.outbound import queue
 from gateway.outbound.notify import _PEOPLE, _TEXT
@@ -148,5 +148,35 @@ async def test_a_driver_error_is_sqlalchemys_and_the_savepoint_undoes_direct_wri
             async with session.begin_nested():  # the transaction goes on after the failure
                 emails = (await session.execute(select(Contact.email))).scalars().all()
         assert emails == ["kept@x.example"]
+    finally:
+        await store.dispose()
+
+
+
+_CONTACT = direct.direct(select(Contact.__table__.c.email, Contact.__table__.c.id)
+                         .where(Contact.__table__.c.email == bindparam("email")))
+
+
+async def test_results_of_one_statement_share_its_metadata_and_stay_apart(db_url: str) -> None:
+    # A plan's result metadata is made once and shared by its results (as SQLAlchemy shares
+    # a compiled statement's): results read interleaved, as rows, as mappings, reduced to a
+    # column, each give their own rows.
+    store = Store(db_url)
+    try:
+        async with store.transaction() as session:
+            async with session.begin_nested():
+                ids = [await repo.insert_row(session, Contact, {"email": e, "created_at": NOW})
+                       for e in ("a@x.example", "b@x.example")]
+                before = direct.executed
+                found = [await session.execute(_CONTACT, {"email": e})
+                         for e in ("a@x.example", "b@x.example", "b@x.example", "c@x.example")]
+                assert direct.executed == before + 4
+                assert found[0]._metadata is found[3]._metadata  # noqa: SLF001
+                by_column = found[2].scalars(1)
+                mapped = found[1].mappings()
+                assert found[3].all() == []
+                assert by_column.one() == ids[1]
+                assert dict(mapped.one()) == {"email": "b@x.example", "id": ids[1]}
+                assert [tuple(r) for r in found[0].all()] == [("a@x.example", ids[0])]
     finally:
         await store.dispose()
