@@ -2,7 +2,8 @@
 
 Usage: python bench/ab.py NAME=DIR [NAME=DIR ...]   (DIR holds gateway/ and store/;
 AB_ENV_NAME="KEY=VALUE KEY2=VALUE2" adds to that server's environment, e.g. to compare one
-tree with and without a GLIBC_TUNABLES setting; AB_WORKERS=2 serves each with `--workers 2`)
+tree with and without a GLIBC_TUNABLES setting; AB_WORKERS=2 serves each with `--workers 2`;
+AB_STORE=postgres gives each a scratch PostgreSQL database instead, dropped afterwards)
 Each tree serves on its own port and database; smtp-source (20 sessions, 5 KB: AB_SESSIONS,
 AB_KB) loads them in turn, A B C, C B A, ... Prints mails/s per round and CPU seconds per
 1,000 mails.
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from run import BIG, BIG_MIB, big_mails, print_big, smtp_source_for, warm  # noqa: E402
-from servers import ROOT, Server, sqlite_url, start_deskgate  # noqa: E402
+from servers import ROOT, Server, pg_create, pg_drop, sqlite_url, start_deskgate  # noqa: E402
 
 ROUNDS = int(os.environ.get("AB_ROUNDS", "4"))
 RUN_S = float(os.environ.get("AB_RUN_S", "4"))
@@ -30,17 +31,24 @@ SESSIONS = int(os.environ.get("AB_SESSIONS", "20"))
 SIZE = int(os.environ.get("AB_KB", "5")) * 1024
 MODE = os.environ.get("AB_MODE", "throughput")
 WORKERS = int(os.environ.get("AB_WORKERS", "1"))
+STORE = os.environ.get("AB_STORE", "sqlite")
 
 
 def main(pairs: list[str]) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="deskgate-ab-", dir=ROOT / "var"))
     servers = []
+    databases: list[str] = []
     try:
         for pair in pairs:
             name, _, source = pair.partition("=")
             env = dict(kv.split("=", 1) for kv in os.environ.get(f"AB_ENV_{name}", "").split())
-            servers.append(warm(start_deskgate(name, workdir, sqlite_url(workdir, name),
-                                               workers=WORKERS, source=Path(source), env=env)))
+            if STORE == "postgres":
+                database, url = pg_create(f"deskgate_ab_{name}")
+                databases.append(database)
+            else:
+                url = sqlite_url(workdir, name)
+            servers.append(warm(start_deskgate(name, workdir, url, workers=WORKERS,
+                                               source=Path(source), env=env)))
         if MODE == "big":
             big_rounds(servers)
             return
@@ -61,6 +69,8 @@ def main(pairs: list[str]) -> None:
     finally:
         for server in servers:
             server.stop()
+        for database in databases:
+            pg_drop(database)
 
 
 def big_rounds(servers: list[Server]) -> None:

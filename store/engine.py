@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from store import sqlite_inline
+from store import jsontext, sqlite_inline
 from store.direct import DirectSession
 
 log = structlog.get_logger("deskgate.store")
@@ -70,12 +70,15 @@ def make_engine(url: str) -> AsyncEngine:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         if INLINE_SQLITE and parsed.database and parsed.database != ":memory:":
-            engine = create_async_engine(url, async_creator=sqlite_inline.connect(parsed.database))
+            engine = create_async_engine(url, async_creator=sqlite_inline.connect(parsed.database),
+                                         json_serializer=jsontext.dumps)
         else:
-            engine = create_async_engine(url, connect_args={"timeout": 30})
+            engine = create_async_engine(url, connect_args={"timeout": 30},
+                                         json_serializer=jsontext.dumps)
         _tune_sqlite(engine)
         return engine
-    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True,
+                               json_serializer=jsontext.dumps)
 
 
 class WriterQueue:

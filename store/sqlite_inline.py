@@ -64,10 +64,22 @@ def _off_loop(sql: str, parameters: Any) -> bool:
     return bool(parameters) and _values_bytes(parameters) > BIG_VALUES_BYTES
 
 
+_SIZED = (bytes, bytearray, memoryview, str)
+_EXACT_SIZED = frozenset(_SIZED)
+_UNSIZED = frozenset((int, float, bool, type(None)))
+
+
 def _values_bytes(parameters: Any) -> int:
-    """Bytes of text and binary values a statement carries (what its writes move)."""
+    """Bytes of text and binary values a statement carries (what its writes move).
+    Asked of every statement: the common classes are looked up, isinstance only asked of
+    the rest (a generator of isinstance calls took 2.5x as long on a mail's 30 values)."""
     values = parameters.values() if isinstance(parameters, dict) else parameters
-    return sum(len(v) for v in values if isinstance(v, (bytes, bytearray, memoryview, str)))
+    total = 0
+    for value in values:
+        cls = value.__class__
+        if cls in _EXACT_SIZED or cls not in _UNSIZED and isinstance(value, _SIZED):
+            total += len(value)
+    return total
 
 
 class _Immediate:

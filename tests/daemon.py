@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -92,6 +93,12 @@ class Daemon:
     @property
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    @property
+    def events(self) -> list[str]:
+        """The names of the events logged so far, in order (the log's JSON lines)."""
+        return [json.loads(line)["event"] for line in self.log.splitlines()
+                if line.startswith("{")]
 
     def close(self) -> None:
         if self.process is not None and self.process.poll() is None:
