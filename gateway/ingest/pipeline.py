@@ -122,6 +122,11 @@ class _Context:
     # limit, not kept) by its index in attachments, for attachments over a piece's size.
     raw_parts: int = 0
     attachment_parts: dict[int, tuple[str, int]] = field(default_factory=dict)
+    # Look for the mail's fingerprint before writing? Over SMTP a mail is nearly always new,
+    # and messages.fingerprint is unique: a redelivery fails its INSERT, its savepoint rolls
+    # back, and the retry looks first (one SELECT a mail fewer, issue 10). IMAP's polls and
+    # history imports meet mails already kept as a matter of course: they look first.
+    look_first: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,8 +262,10 @@ class Pipeline:
         """Group commit: this mail's writes share a transaction with concurrent mails, each
         in its own savepoint; returns once the commit holding them is durable."""
         def conflict(attempt: int, exc: IntegrityError) -> None:
-            # Another session or instance committed the same mail (or contact) first; the
-            # next attempt (next batch) sees its rows and answers duplicate.
+            # The mail was kept before (a redelivery), or another session or instance
+            # committed the same mail (or contact) first: the next attempt (next batch)
+            # looks for it and answers duplicate.
+            ctx.look_first = True
             bound.info("ingest.conflict", attempt=attempt, error=type(exc.orig).__name__)
 
         try:
@@ -282,8 +289,9 @@ class Pipeline:
             try:
                 return await self._store(ctx, bound)
             except IntegrityError as exc:
-                # Another session or instance committed the same mail (or contact) first;
-                # the next attempt sees its rows and answers duplicate.
+                # Kept before, or another session or instance committed the same mail (or
+                # contact) first; the next attempt looks for it and answers duplicate.
+                ctx.look_first = True
                 bound.info("ingest.conflict", attempt=attempt, error=type(exc.orig).__name__)
             except (SQLAlchemyError, OSError) as exc:
                 raise _unavailable(bound, exc) from exc
@@ -303,7 +311,7 @@ class Pipeline:
             fingerprint=fingerprint(mail),
             reply_to=next(filter(None, map(normalize_address, mail.reply_to)), None),
             authenticated=auth.authenticated, auth_results=auth.header,
-            view=view, attachments=attachments,
+            view=view, attachments=attachments, look_first=envelope.channel != "smtp",
         )
 
     async def _store(self, ctx: _Context, bound: Any) -> Verdict:
@@ -316,7 +324,8 @@ class Pipeline:
                         ) -> tuple[Verdict, Callable[[], None]]:
         """One mail's writes inside a transaction the caller commits; the second value logs
         the outcome and is called only once that commit succeeded."""
-        duplicate = await repo.find_by_fingerprint(session, ctx.fingerprint)
+        duplicate = await repo.find_by_fingerprint(session, ctx.fingerprint) \
+            if ctx.look_first else None
         if duplicate is not None:
             return (Verdict(Outcome.DUPLICATE, duplicate[1], "already stored"),
                     lambda: bound.info("ingest.duplicate", ticket=duplicate[1]))

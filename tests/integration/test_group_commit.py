@@ -15,9 +15,11 @@ from sqlalchemy import event, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from gateway.ingest import offload
+from gateway.ingest.model import Envelope
 from gateway.ingest.offload import BIG_MAIL_BYTES
+from gateway.ingest.pipeline import Outcome
 from gateway.replies import R250_DUPLICATE
-from store import blobs, repo
+from store import blobs, direct, repo
 from store.engine import GroupCommit, Store, WriterQueue
 from store.models import Attachment, BlobPart, Contact, Event, Message, Raw, Ticket
 from tests.faults import commit_fails, mail_fails
@@ -101,6 +103,35 @@ async def test_a_duplicate_inside_a_batch_answers_duplicate_and_neighbours_are_s
     assert all(_ticket(r) is not None for r in replies[1:5])
     assert await _count(gw, Message, Message.message_id == "twice@example.org") == 1
     assert await _count(gw, Message, Message.direction == "in") == 5
+
+
+async def test_an_smtp_mail_is_written_without_looking_first_and_its_redelivery_is_found(
+        make_gateway: Any, monkeypatch: Any) -> None:
+    """messages.fingerprint is unique: a redelivery over SMTP fails its INSERT, and the retry
+    looks for it and answers duplicate. IMAP, which meets kept mails often, looks first."""
+    gw = await make_gateway()
+    looked: list[bool] = []
+    find = repo.find_by_fingerprint
+
+    async def looking(session: Any, fingerprint: str) -> Any:
+        found = await find(session, fingerprint)
+        looked.append(found is not None)
+        return found
+
+    monkeypatch.setattr(repo, "find_by_fingerprint", looking)
+    mail = make_mail(subject="Once", message_id="<once@example.org>")
+    first = await send(gw.inbound_port, mail)
+    assert first.code == 250 and _ticket(first) is not None
+    assert looked == []  # written straight away
+    again = await send(gw.inbound_port, mail)
+    assert (again.code, again.message) == (250, R250_DUPLICATE[4:])
+    assert looked == [True]  # the retry after the conflict found the first one
+    assert await _count(gw, Message, Message.message_id == "once@example.org") == 1
+    polled = Envelope("c@example.org", ("support@example.test",), channel="imap")
+    verdict = await gw.pipeline.ingest(make_mail(subject="Polled"), polled)
+    assert verdict.outcome is Outcome.STORED and looked == [True, False]
+    assert (await gw.pipeline.ingest(mail, polled)).outcome is Outcome.DUPLICATE
+    assert looked == [True, False, True]
 
 
 async def test_one_mail_failing_inside_a_batch_fails_alone(make_gateway: Any) -> None:
@@ -196,6 +227,19 @@ async def test_units_savepoints_go_past_sqlalchemy_until_a_unit_uses_the_orm(
     assert emails == ["a@example.org", "added@example.org", "b@example.org"]
     assert through == 2  # the batch's first; a nested one for orm_added's flush (a plain
     # query with nothing pending can neither flush nor leave the session unusable)
+
+
+async def test_on_postgresql_a_units_release_goes_in_one_round_trip_with_the_next_savepoint(
+        db_url: str) -> None:
+    """Four units of one insert each: after the first SAVEPOINT (SQLAlchemy's), SQLite gets
+    3 SAVEPOINTs and 4 RELEASEs, PostgreSQL 3 round trips of RELEASE plus SAVEPOINT and no
+    RELEASE of the last one (COMMIT releases it)."""
+    before = direct.executed
+    results, emails, _ = await _run_units(db_url, *(_direct(f"{c}@example.org") for c in "abcd"))
+    assert all(isinstance(r, int) for r in results)
+    assert emails == [f"{c}@example.org" for c in "abcd"]
+    controls = direct.executed - before - 4  # the inserts
+    assert controls == (3 if db_url.startswith("postgresql") else 3 + 4)
 
 
 async def test_a_unit_whose_orm_flush_fails_fails_alone(db_url: str) -> None:
