@@ -305,16 +305,22 @@ class DirectSession(AsyncSession):
 
 async def _sqlite(driver: Any, plan: _Plan, arguments: list[tuple[Any, ...]],
                   many: bool) -> DirectResult:
-    """The inline shim or aiosqlite: the same awaitable cursor interface."""
+    """The inline shim's run_inline when it can; else the awaitable cursor interface that
+    the shim and aiosqlite (DESKGATE_SQLITE_THREADS=1) share."""
+    inline = None if many else getattr(driver, "run_inline", None)
     try:
-        if many:
-            cursor = await driver.executemany(plan.sql, arguments)
-            rows: list[Any] = []
+        done = inline(plan.sql, arguments[0], bool(plan.keys)) if inline is not None else None
+        if done is not None:
+            rows, rowcount = done
         else:
-            cursor = await driver.execute(plan.sql, arguments[0])
-            rows = await cursor.fetchall() if plan.keys else []
-        rowcount = cursor.rowcount
-        await cursor.close()
+            if many:
+                cursor = await driver.executemany(plan.sql, arguments)
+                rows = []
+            else:
+                cursor = await driver.execute(plan.sql, arguments[0])
+                rows = await cursor.fetchall() if plan.keys else []
+            rowcount = cursor.rowcount
+            await cursor.close()
     except sqlite3.Error as error:
         raise _wrapped(error, plan.sql, arguments) from error
     return _result(plan, rows, rowcount)

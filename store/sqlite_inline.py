@@ -190,6 +190,20 @@ class Connection:
         self.big_values = False  # the open transaction went to a thread: so does its COMMIT
         self.very_big = False  # ... and carried AFTER_BIG_BYTES in one statement
 
+    def run_inline(self, sql: str, parameters: Sequence[Any], fetch: bool
+                   ) -> tuple[list[Any], int] | None:
+        """store/direct.py's statements: run on the loop, rows and rowcount back, with none of
+        the awaitable cursor's steps (~2 µs each, a mail's ten statements); None when the
+        statement must take the awaitable way (BEGIN, COMMIT, big values)."""
+        if _off_loop(sql, parameters):
+            return None
+        cursor = self._conn.execute(sql, parameters)
+        rows = cursor.fetchall() if fetch else []
+        rowcount = cursor.rowcount
+        if not self._running:  # as Cursor.close: a thread may be using the connection
+            cursor.close()
+        return rows, rowcount
+
     def begin_now(self, sql: str) -> bool:
         """BEGIN on the loop if it need not wait for the write lock; False if it must."""
         conn = self._conn

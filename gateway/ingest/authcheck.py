@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import cache, lru_cache, partial
 from typing import Any, Protocol
 
 import authres
@@ -427,11 +427,18 @@ def received_from(value: str) -> tuple[IpAddress | None, str]:
 def peer_ip(peer: str) -> IpAddress | None:
     """The adapters' "ip:port" peer (or a bare address)."""
     for host in (peer.rpartition(":")[0], peer):
-        try:
-            return ipaddress.ip_address(host.strip("[]"))
-        except ValueError:
-            continue
+        if (ip := _address(host.strip("[]"))) is not None:
+            return ip
     return None
+
+
+@lru_cache(maxsize=4096)
+def _address(host: str) -> IpAddress | None:
+    """Parsed once per client address, not twice per mail (~6 µs each, issue 10)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 def _header_block(raw: bytes) -> bytes:

@@ -66,6 +66,29 @@ def test_with_the_write_lock_free_begin_and_a_quick_commit_stay_on_the_loop(
     assert _thread_of(seen, "BEGIN") == [True, True] and len(_thread_of(seen, "COMMIT")) == 2
 
 
+def test_run_inline_answers_small_statements_and_leaves_the_rest_to_the_cursor(
+        tmp_path: Path) -> None:
+    """store/direct.py's fast way: rows and rowcount of a small statement, on the loop; None
+    (take the awaitable cursor) for what must go to a thread."""
+    async def run() -> tuple[list[Any], list[tuple[str, bool]]]:
+        connection, seen = await _traced(tmp_path / "r.sqlite3")
+        await connection.execute("BEGIN IMMEDIATE")
+        out: list[Any] = [connection.run_inline("INSERT INTO t VALUES (?), (?)", (1, 2), False),
+                          connection.run_inline("SELECT a FROM t ORDER BY a", (), True),
+                          connection.run_inline("UPDATE t SET a = a + ?", (10,), False),
+                          connection.run_inline("INSERT INTO t VALUES (?)",
+                                                ("x" * (BIG_VALUES_BYTES + 1),), False),
+                          connection.run_inline("COMMIT", (), False)]
+        await connection.commit()
+        await connection.close()
+        return out, seen
+
+    out, seen = asyncio.run(run())
+    assert out == [([], 2), ([(1,), (2,)], -1), ([], 2), None, None]
+    assert all(on_loop for _, on_loop in seen)
+    assert not [sql for sql, _ in seen if "xxxx" in sql]  # the big one was not run by it
+
+
 def test_begin_waits_in_a_thread_while_another_connection_writes(tmp_path: Path) -> None:
     """The CLI (or any other writer) holds the lock: BEGIN must wait, not fail, and the loop
     must go on meanwhile."""

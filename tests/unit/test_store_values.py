@@ -3,10 +3,12 @@ the same text as before, or text that reads back the same, for every value."""
 
 from __future__ import annotations
 
-import io
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 from enum import StrEnum
+from pathlib import Path
 
 import orjson
 import pytest
@@ -14,7 +16,6 @@ import structlog
 from sqlalchemy import JSON, DateTime, String
 from sqlalchemy.dialects import postgresql, sqlite
 
-from gateway import logs
 from store import jsontext, sqlite_inline
 from store.direct import _remembering
 from store.models import TZ
@@ -39,19 +40,29 @@ def test_values_orjson_refuses_go_to_json_dumps() -> None:
 
 
 def test_a_log_line_with_a_value_orjson_refuses_is_still_written() -> None:
-    out = io.StringIO()
-    saved = structlog.get_config()
-    logs.configure("info")
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(out))
-    try:
-        structlog.get_logger("t").info("mail.odd", subject="\udce9", size=2**70, obj=object())
-        structlog.get_logger("t").info("mail.plain", subject="Grüße")
-    finally:
-        structlog.configure(**saved)
-    odd, plain = (json.loads(line) for line in out.getvalue().splitlines())
+    """The renderer of gateway/logs.py (not configured here: its loggers are cached)."""
+    render = structlog.processors.JSONRenderer(serializer=jsontext.dumps_with)
+    odd = json.loads(render(None, "info", {"event": "mail.odd", "subject": "\udce9",
+                                           "size": 2**70, "obj": object()}))
+    plain = json.loads(render(None, "info", {"event": "mail.plain", "subject": "Grüße"}))
     assert (odd["event"], odd["subject"], odd["size"]) == ("mail.odd", "\udce9", 2**70)
     assert odd["obj"].startswith("<object object")  # repr, as JSONRenderer's fallback did
-    assert (plain["event"], plain["subject"], plain["level"]) == ("mail.plain", "Grüße", "info")
+    assert (plain["event"], plain["subject"]) == ("mail.plain", "Grüße")
+
+
+def test_the_daemons_log_lines_are_json_whatever_the_values() -> None:
+    """logs.configure in a process of its own (its loggers are cached once configured)."""
+    code = ("import structlog; from gateway import logs; logs.configure('info'); "
+            "log = structlog.get_logger('t'); "
+            "log.info('mail.odd', subject='\\udce9', size=2**70, obj=object()); "
+            "log.bind(peer='p').info('mail.plain', subject='Grüße'); "
+            "log.debug('not.shown')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True,
+                            cwd=Path(__file__).resolve().parents[2], timeout=60)
+    odd, plain = (json.loads(line) for line in result.stderr.decode().splitlines())
+    assert (odd["event"], odd["subject"], odd["size"], odd["level"]) == \
+        ("mail.odd", "\udce9", 2**70, "info")
+    assert (plain["event"], plain["subject"], plain["peer"]) == ("mail.plain", "Grüße", "p")
 
 
 @pytest.mark.parametrize("dialect", [sqlite.dialect(), postgresql.asyncpg.dialect()],
