@@ -23,7 +23,8 @@ def configure(level: str = "info") -> None:
             structlog.processors.JSONRenderer(serializer=dumps_with),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # One write and a flush per line (PrintLogger's print() writes twice, then flushes).
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
         # Configured once per process, before the first line: each logger is built on its
         # first use, not again on every bind() and call (~1 % of the loop, issue 10). Tests
         # that capture log events never call this.

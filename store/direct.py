@@ -179,10 +179,13 @@ class DirectSession(AsyncSession):
                 yield
             return
         driver = self.info.get(_DRIVER)
-        if driver is None:  # the batch's first unit: SQLAlchemy's driver adapter begins
-            connection = await self.connection()  # the transaction with the first statement
-            await connection.exec_driver_sql(f"SAVEPOINT {UNIT_SAVEPOINT}")
+        if driver is None:  # the batch's first unit
+            connection = await self.connection()
             driver = (await connection.get_raw_connection()).driver_connection
+            if self._is_postgres():  # asyncpg's adapter begins with the first statement
+                await connection.exec_driver_sql(f"SAVEPOINT {UNIT_SAVEPOINT}")
+            else:  # SQLite: connection() ran BEGIN IMMEDIATE (store/engine.py's begin event)
+                await self._control(driver, f"SAVEPOINT {UNIT_SAVEPOINT}")
             self.info[_DRIVER] = driver
         elif self.info.pop(_RELEASE_DUE, False):  # the unit before's RELEASE goes along
             await self._control(driver, f"RELEASE SAVEPOINT {UNIT_SAVEPOINT}; "

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import hashlib
 import re
+import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
@@ -210,10 +211,10 @@ def _direct(email: str) -> Any:
 
 async def test_units_savepoints_go_past_sqlalchemy_until_a_unit_uses_the_orm(
         db_url: str) -> None:
-    """Only the batch's first SAVEPOINT goes through SQLAlchemy (it begins the transaction
-    on the driver); a unit that then works on the session's objects gets a nested
-    transaction of SQLAlchemy's own, and what it only added to the session is flushed
-    inside its savepoint."""
+    """Only the batch's first SAVEPOINT on PostgreSQL goes through SQLAlchemy (its asyncpg
+    adapter begins the transaction with it; on SQLite the session's BEGIN did); a unit
+    that then works on the session's objects gets a nested transaction of SQLAlchemy's
+    own, and what it only added to the session is flushed inside its savepoint."""
     async def orm_added(session: Any) -> str:
         session.add(Contact(email="added@example.org", created_at=NOW))
         return "added"
@@ -225,21 +226,43 @@ async def test_units_savepoints_go_past_sqlalchemy_until_a_unit_uses_the_orm(
         db_url, _direct("a@example.org"), _direct("b@example.org"), orm_added, orm_read)
     assert results[2:] == ["added", 3]  # the ORM saw the direct writes of the batch
     assert emails == ["a@example.org", "added@example.org", "b@example.org"]
-    assert through == 2  # the batch's first; a nested one for orm_added's flush (a plain
-    # query with nothing pending can neither flush nor leave the session unusable)
+    # A nested one for orm_added's flush (a plain query with nothing pending can neither
+    # flush nor leave the session unusable), and PostgreSQL's first.
+    assert through == (2 if db_url.startswith("postgresql") else 1)
 
 
 async def test_on_postgresql_a_units_release_goes_in_one_round_trip_with_the_next_savepoint(
         db_url: str) -> None:
-    """Four units of one insert each: after the first SAVEPOINT (SQLAlchemy's), SQLite gets
-    3 SAVEPOINTs and 4 RELEASEs, PostgreSQL 3 round trips of RELEASE plus SAVEPOINT and no
-    RELEASE of the last one (COMMIT releases it)."""
+    """Four units of one insert each: SQLite gets 4 SAVEPOINTs and 4 RELEASEs; PostgreSQL,
+    after its first SAVEPOINT (through SQLAlchemy), 3 round trips of RELEASE plus SAVEPOINT
+    and no RELEASE of the last one (COMMIT releases it)."""
     before = direct.executed
     results, emails, _ = await _run_units(db_url, *(_direct(f"{c}@example.org") for c in "abcd"))
     assert all(isinstance(r, int) for r in results)
     assert emails == [f"{c}@example.org" for c in "abcd"]
     controls = direct.executed - before - 4  # the inserts
-    assert controls == (3 if db_url.startswith("postgresql") else 3 + 4)
+    assert controls == (3 if db_url.startswith("postgresql") else 4 + 4)
+
+
+async def test_on_sqlite_a_batch_takes_the_write_lock_before_its_first_savepoint(
+        sqlite_url: str, monkeypatch: Any) -> None:
+    """The first SAVEPOINT goes to the driver directly: BEGIN IMMEDIATE must have run first,
+    or SQLite would begin a deferred transaction with it and take the lock only later."""
+    seen: list[str] = []
+    connect = sqlite3.connect
+
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        connection = connect(*args, **kwargs)
+        connection.set_trace_callback(seen.append)
+        return connection
+
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    results, emails, through = await _run_units(sqlite_url, _direct("a@example.org"),
+                                                _direct("b@example.org"))
+    assert emails == ["a@example.org", "b@example.org"] and through == 0
+    begin = next(i for i, sql in enumerate(seen) if sql.startswith("BEGIN"))
+    assert seen[begin] == "BEGIN IMMEDIATE"
+    assert seen.index("SAVEPOINT deskgate_unit") > begin
 
 
 async def test_a_unit_whose_orm_flush_fails_fails_alone(db_url: str) -> None:
