@@ -113,16 +113,25 @@ def _plan(statement: Any, dialect: Dialect, names: frozenset[str]) -> _Plan | No
 
 
 def _remembering(type_: Any, dialect: Dialect) -> Processor:
-    """A bind's processing; for timestamps, remembering the last value it processed.
+    """A bind's processing; for timestamps, one processing per type and dialect, shared by
+    every statement's binds of it, that remembers the last value it processed.
 
-    A mail binds the one `now` of its transaction in most of its rows (created_at,
-    updated_at, received_at, every event's at ...), and each time it went through the
-    UTCDateTime decorator and the dialect's formatting: ~2.5 % of the loop (issue 10).
-    Remembered by identity, in one tuple (read and replaced whole), so a value is never
-    paired with another value's text."""
+    A mail binds the one `now` of its transaction in most of its rows (the ticket's
+    created_at and updated_at, the message's received_at, every event's at ...), and each
+    time it went through the UTCDateTime decorator and the dialect's formatting: ~2.5 % of
+    the loop (issue 10). Remembered by identity, in one tuple (read and replaced whole), so
+    a value is never paired with another value's text."""
     process = type_.dialect_impl(dialect).bind_processor(dialect)
     if process is None or not isinstance(getattr(type_, "impl_instance", type_), DateTime):
         return process
+    key = (type(type_), repr(type_), dialect.name)
+    shared = _SHARED_TIMESTAMPS.get(key)
+    if shared is None:
+        shared = _SHARED_TIMESTAMPS[key] = _remembered(process)
+    return shared
+
+
+def _remembered(process: Callable[[Any], Any]) -> Callable[[Any], Any]:
     last: tuple[Any, Any] = (_NOTHING, None)
 
     def remembered(value: Any) -> Any:
@@ -137,6 +146,7 @@ def _remembering(type_: Any, dialect: Dialect) -> Processor:
     return remembered
 
 
+_SHARED_TIMESTAMPS: dict[tuple[type, str, str], Callable[[Any], Any]] = {}
 _NOTHING = object()
 
 

@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from store import jsontext, sqlite_inline
 from store.direct import _remembering
-from store.models import TZ
+from store.models import TZ, Message, Ticket
 
 VALUES = [[], {}, ["a@example.org", "b@example.org"], {"rule": "x", "hits": [1, 2.5, None]},
           {"subject": "Grüße — 日本"}, [True, False], 0, "plain"]
@@ -80,6 +80,15 @@ def test_a_remembered_timestamp_bind_gives_each_value_its_own_text(dialect: obje
         return value if process is None else process(value)  # type: ignore[operator]
 
     assert [text(remembered, v) for v in sequence] == [text(plain, v) for v in sequence]
+
+
+def test_every_statements_timestamp_binds_share_one_remembering_processing() -> None:
+    dialect = sqlite.dialect()
+    received, created = (_remembering(c.type, dialect) for c in (
+        Message.__table__.c.received_at, Ticket.__table__.c.created_at))
+    assert received is created  # the ticket's and the message's `now`: processed once
+    now = datetime(2026, 11, 25, 9, 30, 15, tzinfo=UTC)
+    assert received(now) == created(now) == "2026-11-25 09:30:15.000000"
 
 
 def test_only_timestamp_binds_are_remembered() -> None:
