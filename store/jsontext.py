@@ -2,9 +2,10 @@
 
 A mail's rows carry ~10 small JSON values (recipients, references, rule hits, event data)
 and a mail makes two log lines; json.dumps took 1-3 µs each (2.6 % of the event loop under
-load for the columns, 1.3 % for the lines: issue 10's profile), orjson a tenth of that. orjson refuses what json.dumps takes: lone surrogates (a header
-decoded with surrogateescape), integers beyond 64 bits, non-string keys. Those values go to
-json.dumps as before, so nothing that was stored before fails now.
+load for the columns, 1.3 % for the lines: issue 10's profile), orjson a tenth of that.
+orjson refuses what json.dumps takes: lone surrogates (a header decoded with
+surrogateescape), integers beyond 64 bits, non-string keys. Those values go to json.dumps
+as before, so nothing that was stored before fails now.
 """
 
 from __future__ import annotations
