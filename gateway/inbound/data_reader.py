@@ -168,9 +168,10 @@ def _copy_by_kernel(data: bytearray) -> bytes:
         data.clear()
         raw = os.pread(fd, size, 0)
         if len(raw) < size:  # a short read: the rest in further reads
-            pieces = [raw]
-            while (got := sum(map(len, pieces))) < size:
+            pieces, got = [raw], len(raw)
+            while got < size:
                 pieces.append(os.pread(fd, size - got, got))
+                got += len(pieces[-1])
             raw = b"".join(pieces)
         return raw
     finally:

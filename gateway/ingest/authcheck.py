@@ -246,11 +246,9 @@ class TableResolver:
 
     def cached(self, name: str, qtype: str) -> list[Any] | None:
         """The table is at hand, as a cache is: only the names that never answer are not."""
-        name = name.lower().rstrip(".")
-        if name in self.timeouts:
+        if name.lower().rstrip(".") in self.timeouts:
             return None
-        self.queries.append((name, qtype))
-        return list(self.table.get((name, qtype), []))
+        return self.query(name, qtype, timeout=1.0)
 
 
 class _CachedOnly:
